@@ -1,0 +1,1 @@
+"""Offline stage: dataset import, the nightly knowledge-refresh job, training and evaluation."""

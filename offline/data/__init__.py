@@ -1,0 +1,1 @@
+"""Dataset commands: import raw sources into the dataset folder, split, synthesize, describe."""

@@ -1,0 +1,1 @@
+"""The knowledge-refresh job: prompts, LLM backends, snapshots and Redis publishing."""

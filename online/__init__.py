@@ -1,0 +1,1 @@
+"""Online stage: the FastAPI ranking service."""

@@ -1,0 +1,362 @@
+"""The dataset folder: the one format every source is imported into and everything downstream reads.
+
+Files (DESIGN section 3):
+  scenarios.csv               scenario, description
+  items.csv                   item_id, title, category (optional), scenario (optional)
+  interactions.csv|.parquet   user_id, item_id, scenario, label | rating (optional), timestamp (optional), extras
+  users.csv (optional)        user_id, categorical features
+
+`label` is a 0/1 click; `rating` is an explicit rating turned into a label at split time (rating > threshold);
+with neither, rows are implicit positives and negatives are sampled. Without `timestamp`, each user's rows are in
+chronological order in the file. Any other interaction column is a categorical feature. IDs are strings.
+Line numbers in errors count the header as line 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from shared.errors import DatasetError, UserFacingError
+
+SCENARIOS_FILE = "scenarios.csv"
+ITEMS_FILE = "items.csv"
+INTERACTIONS_CSV = "interactions.csv"
+INTERACTIONS_PARQUET = "interactions.parquet"
+USERS_FILE = "users.csv"
+
+# Interaction columns with a fixed meaning; every other column is an extra categorical feature.
+RESERVED_INTERACTION_COLUMNS = ("user_id", "item_id", "scenario", "label", "rating", "timestamp")
+# Internal column: the row's position in the file, the chronological tie-breaker. Never written.
+SEQ = "_seq"
+
+
+@dataclass
+class Dataset:
+    """A validated dataset folder held in memory. All id columns are str."""
+
+    scenarios: pd.DataFrame
+    items: pd.DataFrame
+    interactions: pd.DataFrame
+    users: pd.DataFrame | None = None
+    name: str = ""
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def scenario_names(self) -> list[str]:
+        return self.scenarios["scenario"].tolist()
+
+    @property
+    def has_labels(self) -> bool:
+        return "label" in self.interactions.columns
+
+    @property
+    def has_ratings(self) -> bool:
+        return "rating" in self.interactions.columns
+
+    @property
+    def is_implicit(self) -> bool:
+        return not (self.has_labels or self.has_ratings)
+
+    @property
+    def has_timestamps(self) -> bool:
+        return "timestamp" in self.interactions.columns
+
+    @property
+    def extra_columns(self) -> list[str]:
+        return [c for c in self.interactions.columns if c not in RESERVED_INTERACTION_COLUMNS and c != SEQ]
+
+    @property
+    def user_feature_columns(self) -> list[str]:
+        if self.users is None:
+            return []
+        return [c for c in self.users.columns if c != "user_id"]
+
+    def fingerprint(self) -> str:
+        """A content hash: the same data gives the same fingerprint wherever it is stored."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for name, frame in self._frames():
+                h.update(name.encode())
+                cols = [c for c in frame.columns if c != SEQ]
+                h.update("\x1f".join(cols).encode())
+                hashed = pd.util.hash_pandas_object(frame[cols], index=False).to_numpy()
+                h.update(hashed.tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def _frames(self) -> list[tuple[str, pd.DataFrame]]:
+        frames = [("scenarios", self.scenarios), ("items", self.items), ("interactions", self.interactions)]
+        if self.users is not None:
+            frames.append(("users", self.users))
+        return frames
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    if not data.strip():
+        raise DatasetError(path.name, "file is empty")
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DatasetError(
+            path.name,
+            f"not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "re-encode the file as UTF-8 or import it with the importer for its source",
+            line=line,
+        ) from None
+
+
+def read_csv_strict(path: Path) -> pd.DataFrame:
+    """Reads a CSV as strings, failing with the file and line on bad encoding or broken rows."""
+    text = _read_text(path)
+    try:
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False)
+    except pd.errors.ParserError as exc:
+        raise DatasetError(path.name, f"cannot parse CSV: {exc}") from None
+    except pd.errors.EmptyDataError:
+        raise DatasetError(path.name, "file is empty") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    if len(frame) == 0:
+        raise DatasetError(path.name, "file has a header but no rows", line=2)
+    return frame
+
+
+def _require_columns(frame: pd.DataFrame, file: str, required: Iterable[str]) -> None:
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DatasetError(
+            file, f"missing column(s) {missing}; found {list(frame.columns)}", line=1, column=missing[0]
+        )
+
+
+def _first_bad(mask: np.ndarray) -> int | None:
+    idx = np.flatnonzero(mask)
+    return int(idx[0]) if len(idx) else None
+
+
+def _check_nonempty(frame: pd.DataFrame, file: str, columns: Iterable[str]) -> None:
+    for col in columns:
+        bad = _first_bad((frame[col].str.strip() == "").to_numpy())
+        if bad is not None:
+            raise DatasetError(file, "empty value", line=bad + 2, column=col)
+
+
+def _check_unique(frame: pd.DataFrame, file: str, column: str, what: str) -> None:
+    bad = _first_bad(frame[column].duplicated().to_numpy())
+    if bad is not None:
+        raise DatasetError(file, f"duplicate {what} '{frame[column].iloc[bad]}'", line=bad + 2, column=column)
+
+
+def _check_member(frame: pd.DataFrame, file: str, column: str, valid: pd.Index | set, what: str) -> None:
+    values = frame[column]
+    mask = ~values.isin(valid)
+    bad = _first_bad(mask.to_numpy())
+    if bad is not None:
+        shown = sorted(valid)[:10] if len(valid) <= 10 else f"{len(valid)} known {what}s"
+        raise DatasetError(
+            file, f"unknown {what} '{values.iloc[bad]}' (valid: {shown})", line=bad + 2, column=column
+        )
+
+
+def _parse_numeric(frame: pd.DataFrame, file: str, column: str) -> pd.Series:
+    raw = frame[column]
+    values = pd.to_numeric(raw.str.strip().replace("", np.nan), errors="coerce")
+    bad = _first_bad((~np.isfinite(values.to_numpy(dtype=float))))
+    if bad is not None:
+        raise DatasetError(file, f"not a finite number: '{raw.iloc[bad]}'", line=bad + 2, column=column)
+    return values
+
+
+def _parse_timestamp(frame: pd.DataFrame, file: str) -> pd.Series:
+    raw = frame["timestamp"].str.strip()
+    numeric = pd.to_numeric(raw, errors="coerce")
+    if numeric.notna().all():
+        return numeric.astype("float64")
+    parsed = pd.to_datetime(raw, errors="coerce", utc=True)
+    bad = _first_bad((numeric.isna() & parsed.isna()).to_numpy())
+    if bad is not None:
+        raise DatasetError(
+            file,
+            f"timestamp '{raw.iloc[bad]}' is neither a number nor a date",
+            line=bad + 2,
+            column="timestamp",
+        )
+    return numeric.fillna(parsed.astype("int64") / 1e9).astype("float64")
+
+
+def _read_interactions(root: Path) -> tuple[pd.DataFrame, str]:
+    csv_path, pq_path = root / INTERACTIONS_CSV, root / INTERACTIONS_PARQUET
+    if csv_path.exists() and pq_path.exists():
+        raise UserFacingError(f"{root}: both {INTERACTIONS_CSV} and {INTERACTIONS_PARQUET} exist; keep one")
+    if pq_path.exists():
+        frame = pd.read_parquet(pq_path)
+        if len(frame) == 0:
+            raise DatasetError(INTERACTIONS_PARQUET, "file has no rows")
+        for col in frame.columns:
+            if col in ("label", "rating", "timestamp"):
+                frame[col] = frame[col].astype(str).replace({"nan": "", "None": "", "NaT": ""})
+            else:
+                frame[col] = frame[col].astype(str)
+        return frame, INTERACTIONS_PARQUET
+    if csv_path.exists():
+        return read_csv_strict(csv_path), INTERACTIONS_CSV
+    raise DatasetError(INTERACTIONS_CSV, f"not found in {root} (nor {INTERACTIONS_PARQUET})")
+
+
+def read_dataset(root: str | os.PathLike) -> Dataset:
+    """Reads and validates a dataset folder; raises DatasetError naming file, line and column."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserFacingError(f"dataset folder not found: {root}")
+    for required in (SCENARIOS_FILE, ITEMS_FILE):
+        if not (root / required).exists():
+            raise DatasetError(required, f"not found in {root}")
+
+    scenarios = read_csv_strict(root / SCENARIOS_FILE)
+    _require_columns(scenarios, SCENARIOS_FILE, ["scenario", "description"])
+    scenarios["scenario"] = scenarios["scenario"].str.strip()
+    _check_nonempty(scenarios, SCENARIOS_FILE, ["scenario", "description"])
+    _check_unique(scenarios, SCENARIOS_FILE, "scenario", "scenario")
+    scenarios = scenarios[["scenario", "description"]].reset_index(drop=True)
+    valid_scenarios = set(scenarios["scenario"])
+
+    items = read_csv_strict(root / ITEMS_FILE)
+    _require_columns(items, ITEMS_FILE, ["item_id", "title"])
+    items["item_id"] = items["item_id"].str.strip()
+    _check_nonempty(items, ITEMS_FILE, ["item_id", "title"])
+    _check_unique(items, ITEMS_FILE, "item_id", "item id")
+    for optional in ("category", "scenario"):
+        if optional not in items.columns:
+            items[optional] = ""
+    with_scenario = items[items["scenario"] != ""]
+    if len(with_scenario):
+        mask = (items["scenario"] != "") & ~items["scenario"].isin(valid_scenarios)
+        bad = _first_bad(mask.to_numpy())
+        if bad is not None:
+            raise DatasetError(
+                ITEMS_FILE,
+                f"unknown scenario '{items['scenario'].iloc[bad]}' (valid: {sorted(valid_scenarios)})",
+                line=bad + 2,
+                column="scenario",
+            )
+    items = items[["item_id", "title", "category", "scenario"]].reset_index(drop=True)
+
+    inter, inter_file = _read_interactions(root)
+    _require_columns(inter, inter_file, ["user_id", "item_id", "scenario"])
+    for col in ("user_id", "item_id", "scenario"):
+        inter[col] = inter[col].str.strip()
+    _check_nonempty(inter, inter_file, ["user_id", "item_id", "scenario"])
+    _check_member(inter, inter_file, "scenario", valid_scenarios, "scenario")
+    _check_member(inter, inter_file, "item_id", pd.Index(items["item_id"]), "item id")
+    if "label" in inter.columns and "rating" in inter.columns:
+        raise DatasetError(inter_file, "has both 'label' and 'rating'; keep one", line=1, column="rating")
+    if "label" in inter.columns:
+        labels = _parse_numeric(inter, inter_file, "label")
+        bad = _first_bad(~labels.isin([0, 1]).to_numpy())
+        if bad is not None:
+            raise DatasetError(
+                inter_file, f"label must be 0 or 1, got '{inter['label'].iloc[bad]}'", line=bad + 2, column="label"
+            )
+        inter["label"] = labels.astype("float32")
+    if "rating" in inter.columns:
+        inter["rating"] = _parse_numeric(inter, inter_file, "rating").astype("float32")
+    if "timestamp" in inter.columns:
+        inter["timestamp"] = _parse_timestamp(inter, inter_file)
+    inter[SEQ] = np.arange(len(inter), dtype=np.int64)
+    inter = inter.reset_index(drop=True)
+
+    users = None
+    if (root / USERS_FILE).exists():
+        users = read_csv_strict(root / USERS_FILE)
+        _require_columns(users, USERS_FILE, ["user_id"])
+        users["user_id"] = users["user_id"].str.strip()
+        _check_nonempty(users, USERS_FILE, ["user_id"])
+        _check_unique(users, USERS_FILE, "user_id", "user id")
+    return Dataset(scenarios=scenarios, items=items, interactions=inter, users=users, name=root.name)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def _format_interactions(frame: pd.DataFrame) -> pd.DataFrame:
+    out = frame.drop(columns=[SEQ], errors="ignore").copy()
+    if "label" in out.columns:
+        out["label"] = out["label"].astype(int)
+    if "timestamp" in out.columns:
+        ts = out["timestamp"]
+        if np.all(np.mod(ts.to_numpy(dtype=float), 1) == 0):
+            out["timestamp"] = ts.astype("int64")
+    return out
+
+
+def replace_dir_atomically(build, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Runs build(tmp_dir) into a sibling temp folder, then moves it into place.
+
+    A failure inside build leaves out_dir untouched; with overwrite the old folder is only removed once the new
+    one is complete.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserFacingError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        build(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def write_dataset(
+    dataset: Dataset,
+    out_dir: str | os.PathLike,
+    overwrite: bool = False,
+    interactions_format: str = "csv",
+    validate: bool = True,
+) -> Path:
+    """Writes a dataset folder atomically (temp folder, then rename).
+
+    With validate, the written files are read back through read_dataset before the folder becomes visible, so an
+    importer can never leave a folder that downstream readers reject.
+    """
+    if interactions_format not in ("csv", "parquet"):
+        raise UserFacingError(f"interactions format must be csv or parquet, got {interactions_format!r}")
+
+    def build(tmp: Path) -> None:
+        dataset.scenarios.to_csv(tmp / SCENARIOS_FILE, index=False)
+        dataset.items.to_csv(tmp / ITEMS_FILE, index=False)
+        inter = _format_interactions(dataset.interactions)
+        if interactions_format == "csv":
+            inter.to_csv(tmp / INTERACTIONS_CSV, index=False)
+        else:
+            inter.to_parquet(tmp / INTERACTIONS_PARQUET, index=False)
+        if dataset.users is not None:
+            dataset.users.to_csv(tmp / USERS_FILE, index=False)
+        if validate:
+            read_dataset(tmp)
+
+    return replace_dir_atomically(build, out_dir, overwrite=overwrite)

@@ -1,0 +1,1 @@
+"""Knowledge embeddings: the snapshot format on disk and the Redis key layout."""

@@ -1,0 +1,252 @@
+"""Knowledge snapshots on disk: the source of truth that training reads and the publisher copies to Redis.
+
+Layout (DESIGN section 5):
+  <root>/<version>/manifest.json      written last: a version without it does not exist for readers
+  <root>/<version>/scenarios.parquet  id, prompt_sha256, response, embedding (fixed-size list of float32)
+  <root>/<version>/users.parquet
+  <root>/<version>/items.parquet      response is empty (items are embedded in encode mode)
+  <root>/<version>/defaults.parquet   id "user": the cold-start user vector
+  <root>/LATEST                       name of the newest finished version (written after its manifest)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shared.errors import UserFacingError
+
+MANIFEST = "manifest.json"
+LATEST = "LATEST"
+LEVELS = ("scenarios", "users", "items")
+DEFAULTS = "defaults"
+DEFAULT_USER_ID = "user"
+
+
+@dataclass(frozen=True)
+class KnowledgeSpace:
+    """What makes two vectors comparable: the model, the prompt templates, pooling, mode and reducer.
+
+    A model trained on one space must not be fed vectors from another; `id` is what artifacts record.
+    """
+
+    model: str
+    template_sha256: str
+    pooling: str
+    mode: str
+    raw_dim: int
+    dim: int
+    reducer_sha256: str | None = None
+
+    @property
+    def id(self) -> str:
+        payload = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "id": self.id}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> KnowledgeSpace:
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        space = cls(**fields)
+        if "id" in data and data["id"] != space.id:
+            raise UserFacingError(f"knowledge space id {data['id']} does not match its fields ({space.id})")
+        return space
+
+
+@dataclass
+class Manifest:
+    version: str
+    created_at: str
+    space: KnowledgeSpace
+    dataset_fingerprint: str
+    split_fingerprint: str
+    counts: dict[str, int]
+    backend: str = ""
+    parent_version: str | None = None
+    # Per level: how many vectors were computed by the LLM in this build vs. reused from the parent.
+    computed: dict[str, int] = field(default_factory=dict)
+    reused: dict[str, int] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["space"] = self.space.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        data = dict(data)
+        data["space"] = KnowledgeSpace.from_dict(data["space"])
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+@dataclass
+class KnowledgeTable:
+    """One level's vectors. ids are unique; embeddings is float32 [n, dim]."""
+
+    ids: list[str]
+    embeddings: np.ndarray
+    prompt_sha256: list[str]
+    responses: list[str]
+    _index: pd.Index = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.embeddings = np.ascontiguousarray(self.embeddings, dtype=np.float32)
+        if self.embeddings.ndim != 2 or self.embeddings.shape[0] != len(self.ids):
+            raise ValueError(f"embeddings shape {self.embeddings.shape} does not match {len(self.ids)} ids")
+        self._index = pd.Index(self.ids)
+        if not self._index.is_unique:
+            raise ValueError("knowledge table ids are not unique")
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def positions(self, ids: Sequence[str]) -> np.ndarray:
+        """Row of each id, -1 where absent."""
+        return self._index.get_indexer(pd.Index(list(ids), dtype=object))
+
+    def lookup(self, ids: Sequence[str], default: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors for ids (default or zeros where absent) and the found mask."""
+        pos = self.positions(ids)
+        found = pos >= 0
+        out = np.zeros((len(pos), self.dim), dtype=np.float32)
+        out[found] = self.embeddings[pos[found]]
+        if default is not None:
+            out[~found] = default
+        return out, found
+
+    def response_of(self, id_: str) -> str | None:
+        pos = self.positions([id_])[0]
+        return None if pos < 0 else self.responses[pos]
+
+
+def table_schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("prompt_sha256", pa.string()),
+            ("response", pa.string()),
+            ("embedding", pa.list_(pa.float32(), dim)),
+        ]
+    )
+
+
+def table_to_arrow(table: KnowledgeTable) -> pa.Table:
+    dim = table.dim
+    flat = pa.array(table.embeddings.reshape(-1), type=pa.float32())
+    emb = pa.FixedSizeListArray.from_arrays(flat, dim)
+    return pa.Table.from_arrays(
+        [
+            pa.array(table.ids, type=pa.string()),
+            pa.array(table.prompt_sha256, type=pa.string()),
+            pa.array(table.responses, type=pa.string()),
+            emb,
+        ],
+        schema=table_schema(dim),
+    )
+
+
+def write_table(path: str | os.PathLike, table: KnowledgeTable) -> None:
+    """Writes one level's Parquet file via a temp name, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table_to_arrow(table), tmp)
+    os.replace(tmp, path)
+
+
+def read_table(path: str | os.PathLike) -> KnowledgeTable:
+    arrow = pq.read_table(path)
+    emb_col = arrow.column("embedding").combine_chunks()
+    dim = emb_col.type.list_size
+    flat = emb_col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return KnowledgeTable(
+        ids=arrow.column("id").to_pylist(),
+        embeddings=flat.reshape(-1, dim),
+        prompt_sha256=arrow.column("prompt_sha256").to_pylist(),
+        responses=arrow.column("response").to_pylist(),
+    )
+
+
+def write_manifest(version_dir: str | os.PathLike, manifest: Manifest) -> None:
+    """The last write of a build: makes the version visible, then points LATEST at it."""
+    version_dir = Path(version_dir)
+    tmp = version_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, version_dir / MANIFEST)
+    latest = version_dir.parent / LATEST
+    tmp_latest = version_dir.parent / (LATEST + ".tmp")
+    tmp_latest.write_text(manifest.version + "\n")
+    os.replace(tmp_latest, latest)
+
+
+def resolve_snapshot_dir(path: str | os.PathLike) -> Path:
+    """Accepts a version folder or a knowledge root (then its LATEST version)."""
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        return path
+    if (path / LATEST).exists():
+        version = (path / LATEST).read_text().strip()
+        if (path / version / MANIFEST).exists():
+            return path / version
+    if path.is_dir() and any(path.iterdir()):
+        raise UserFacingError(
+            f"{path} holds no finished knowledge snapshot (no {MANIFEST}); an interrupted build resumes when the "
+            "same `llm4msr knowledge build` command is run again"
+        )
+    raise UserFacingError(f"knowledge snapshot not found: {path}")
+
+
+class KnowledgeSnapshot:
+    """A finished snapshot version; tables are loaded on first use."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = resolve_snapshot_dir(path)
+        self.manifest = Manifest.from_dict(json.loads((self.path / MANIFEST).read_text()))
+        self._tables: dict[str, KnowledgeTable] = {}
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def space(self) -> KnowledgeSpace:
+        return self.manifest.space
+
+    def table(self, level: str) -> KnowledgeTable:
+        if level not in (*LEVELS, DEFAULTS):
+            raise ValueError(f"unknown knowledge level {level!r}; expected one of {LEVELS}")
+        if level not in self._tables:
+            file = self.path / f"{level}.parquet"
+            if not file.exists():
+                raise UserFacingError(f"snapshot {self.path} has no {level}.parquet")
+            self._tables[level] = read_table(file)
+        return self._tables[level]
+
+    def scenarios(self) -> KnowledgeTable:
+        return self.table("scenarios")
+
+    def users(self) -> KnowledgeTable:
+        return self.table("users")
+
+    def items(self) -> KnowledgeTable:
+        return self.table("items")
+
+    def default_user(self) -> np.ndarray:
+        defaults = self.table(DEFAULTS)
+        vec, found = defaults.lookup([DEFAULT_USER_ID])
+        if not found[0]:
+            raise UserFacingError(f"snapshot {self.path} has no default user vector")
+        return vec[0]
