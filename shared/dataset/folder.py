@@ -140,9 +140,7 @@ def read_csv_strict(path: Path) -> pd.DataFrame:
 def _require_columns(frame: pd.DataFrame, file: str, required: Iterable[str]) -> None:
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise DatasetError(
-            file, f"missing column(s) {missing}; found {list(frame.columns)}", line=1, column=missing[0]
-        )
+        raise DatasetError(file, f"missing column(s) {missing}; found {list(frame.columns)}", line=1, column=missing[0])
 
 
 def _first_bad(mask: np.ndarray) -> int | None:
@@ -169,15 +167,13 @@ def _check_member(frame: pd.DataFrame, file: str, column: str, valid: pd.Index |
     bad = _first_bad(mask.to_numpy())
     if bad is not None:
         shown = sorted(valid)[:10] if len(valid) <= 10 else f"{len(valid)} known {what}s"
-        raise DatasetError(
-            file, f"unknown {what} '{values.iloc[bad]}' (valid: {shown})", line=bad + 2, column=column
-        )
+        raise DatasetError(file, f"unknown {what} '{values.iloc[bad]}' (valid: {shown})", line=bad + 2, column=column)
 
 
 def _parse_numeric(frame: pd.DataFrame, file: str, column: str) -> pd.Series:
     raw = frame[column]
     values = pd.to_numeric(raw.str.strip().replace("", np.nan), errors="coerce")
-    bad = _first_bad((~np.isfinite(values.to_numpy(dtype=float))))
+    bad = _first_bad(~np.isfinite(values.to_numpy(dtype=float)))
     if bad is not None:
         raise DatasetError(file, f"not a finite number: '{raw.iloc[bad]}'", line=bad + 2, column=column)
     return values

@@ -83,6 +83,8 @@ class Split:
             for name, frame in self.frames().items():
                 out = frame.drop(columns=[SEQ]).copy()
                 out["label"] = out["label"].astype(int)
+                if "timestamp" in out.columns and (out["timestamp"] % 1 == 0).all():
+                    out["timestamp"] = out["timestamp"].astype("int64")
                 if fmt == "csv":
                     out.to_csv(tmp / f"{name}.csv", index=False, lineterminator="\n")
                 else:

@@ -79,9 +79,7 @@ def generate(config: SynthConfig | None = None) -> Dataset:
     theme_names = list(THEMES)
     n_themes = len(theme_names)
     scenario_names = list(SCENARIOS)[: cfg.scenarios]
-    scenarios = pd.DataFrame(
-        {"scenario": scenario_names, "description": [SCENARIOS[s][0] for s in scenario_names]}
-    )
+    scenarios = pd.DataFrame({"scenario": scenario_names, "description": [SCENARIOS[s][0] for s in scenario_names]})
 
     item_rows = []
     item_theme = []
