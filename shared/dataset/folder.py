@@ -89,7 +89,15 @@ class Dataset:
                 h.update(name.encode())
                 cols = [c for c in frame.columns if c != SEQ]
                 h.update("\x1f".join(cols).encode())
-                hashed = pd.util.hash_pandas_object(frame[cols], index=False).to_numpy()
+                canonical = pd.DataFrame(
+                    {
+                        c: frame[c].astype("float64")
+                        if pd.api.types.is_numeric_dtype(frame[c])
+                        else frame[c].astype(str)
+                        for c in cols
+                    }
+                )
+                hashed = pd.util.hash_pandas_object(canonical, index=False).to_numpy()
                 h.update(hashed.tobytes())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
