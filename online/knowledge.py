@@ -1,0 +1,586 @@
+"""Request-time knowledge access: the ranker never runs the LLM, it reads what the offline job stored.
+
+Two stores behind one interface:
+- `RedisKnowledgeStore` follows `llm4msr:kn:current` (polled in a background thread). Scenario and item vectors of
+  a version are held in memory; user vectors come from a bounded LRU keyed by (version, user), then from Redis in
+  one pipelined round trip per request (with any item vectors not in memory). Request-path Redis calls use short
+  socket timeouts; after a failure Redis is skipped for a short while (answers come from cache/default and are
+  flagged) until the poller reaches it again, so an outage never turns into slow or failed requests.
+- `SnapshotKnowledgeStore` reads a Parquet snapshot (the embedded default, no Redis); given a knowledge root it
+  follows the root's LATEST pointer the same way.
+
+A request takes `store.current()` once and uses that immutable `KnowledgeVersion` to the end, so a version swap
+never mixes two versions inside one answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from shared.errors import UserFacingError
+from shared.knowledge import keys
+from shared.knowledge.snapshot import LATEST, KnowledgeSnapshot, KnowledgeTable, Manifest, resolve_snapshot_dir
+
+log = logging.getLogger(__name__)
+
+# Fallback reasons (also the `reason` label of llm4msr_knowledge_fallback_total).
+UNKNOWN = "unknown"  # no vector for this id in the version: default (user) or NaN = average (item)
+REDIS_UNAVAILABLE = "redis_unavailable"  # Redis could not be asked: default (user) or NaN = average (item)
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """One kind of degraded input used for an answer, reported in the response and counted in metrics."""
+
+    level: str  # scenario | user | item | item_id
+    reason: str
+    count: int = 1
+
+
+class ItemVectors:
+    """An id-indexed matrix of item vectors (rows aligned with `ids`)."""
+
+    def __init__(self, ids: Sequence[str], matrix: np.ndarray):
+        self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+        self.index = pd.Index(list(ids), dtype=object)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def positions(self, ids: Sequence[str]) -> np.ndarray:
+        return self.index.get_indexer(pd.Index(ids, dtype=object))
+
+
+@dataclass
+class KnowledgeVersion:
+    """One published knowledge version as the ranker holds it; treated as immutable once built."""
+
+    version: str
+    manifest: Manifest
+    dim: int
+    scenarios: dict[str, np.ndarray]
+    scenario_responses: dict[str, str]
+    default_user: np.ndarray
+    items: ItemVectors
+    # False when only part of the catalogue fit in memory: the rest is fetched per request.
+    items_complete: bool = True
+    # Snapshot store only: the users table in memory.
+    users: KnowledgeTable | None = None
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def space_id(self) -> str:
+        return self.manifest.space.id
+
+
+@dataclass
+class Fetched:
+    """What one request gets from the store."""
+
+    user_vec: np.ndarray | None
+    item_vecs: np.ndarray | None
+    fallbacks: list[Fallback]
+
+
+class LRU:
+    """A thread-safe bounded LRU (the ASGI threadpool runs several requests at once)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._data: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    _MISSING = object()
+
+    def get(self, key, default=_MISSING):
+        with self._lock:
+            try:
+                value = self._data[key]
+            except KeyError:
+                self.misses += 1
+                return default
+            self._data.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key, value) -> None:
+        if self.capacity <= 0:
+            return
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.capacity:
+                self._data.popitem(last=False)
+
+    def drop_version(self, keep: set[str]) -> None:
+        """Frees entries of versions no longer served (keys are (version, ...))."""
+        with self._lock:
+            for k in [k for k in self._data if k[0] not in keep]:
+                del self._data[k]
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class KnowledgeStore:
+    """Common part: the current version, swap checks, and the space guard."""
+
+    kind = "base"
+
+    def __init__(self, expected_space_id: str | None, poll_interval_s: float = 1.0):
+        self.expected_space_id = expected_space_id
+        self.poll_interval_s = poll_interval_s
+        self._current: KnowledgeVersion | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.refused: dict[str, str] = {}  # version -> why it was not swapped in
+        self.on_swap: Callable[[KnowledgeVersion], None] | None = None
+        self.swaps = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def current(self) -> KnowledgeVersion | None:
+        return self._current
+
+    @property
+    def ready(self) -> bool:
+        return self._current is not None
+
+    def start(self) -> None:
+        """Loads the current version (raising on a space mismatch) and starts following new ones."""
+        self.refresh(initial=True)
+        self._thread = threading.Thread(target=self._poll_loop, name=f"knowledge-{self.kind}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(self.poll_interval_s):
+            try:
+                self.refresh()
+            except Exception:  # the poller must survive anything; the old version keeps serving
+                log.exception("knowledge refresh failed; still serving %s", self.version_name())
+
+    def version_name(self) -> str | None:
+        cur = self._current
+        return None if cur is None else cur.version
+
+    def check_space(self, manifest: Manifest) -> str | None:
+        """Why this version cannot feed the loaded model, or None if it can."""
+        if self.expected_space_id is not None and manifest.space.id != self.expected_space_id:
+            return (
+                f"knowledge version {manifest.version} is in knowledge space {manifest.space.id} "
+                f"({manifest.space.model}, dim {manifest.space.dim}) but the model artifact was trained on space "
+                f"{self.expected_space_id}; retrain the model on this knowledge or publish knowledge of its space"
+            )
+        return None
+
+    def set_expected_space(self, space_id: str | None) -> None:
+        """Admin reload of an artifact: the new model must match the knowledge being served."""
+        cur = self._current
+        if cur is not None and space_id is not None and cur.space_id != space_id:
+            raise UserFacingError(
+                f"artifact knowledge space {space_id} differs from the served knowledge "
+                f"{cur.version} (space {cur.space_id})"
+            )
+        self.expected_space_id = space_id
+        self.refused.clear()
+
+    def _install(self, kv: KnowledgeVersion, initial: bool) -> bool:
+        why = self.check_space(kv.manifest)
+        if why is not None:
+            if initial:
+                raise UserFacingError(why)
+            if kv.version not in self.refused:
+                log.error("not swapping knowledge: %s", why)
+            self.refused[kv.version] = why
+            return False
+        old = self.version_name()
+        self._current = kv
+        self.swaps += 1
+        if old is not None and old != kv.version:
+            log.info("knowledge swapped %s -> %s", old, kv.version)
+        if self.on_swap is not None:
+            self.on_swap(kv)
+        return True
+
+    # -- per store -----------------------------------------------------------------------------------
+    def refresh(self, initial: bool = False) -> None:
+        raise NotImplementedError
+
+    def fetch(self, kv: KnowledgeVersion, user_id: str, item_ids: Sequence[str] | None, need_user: bool) -> Fetched:
+        raise NotImplementedError
+
+    def user_response(self, kv: KnowledgeVersion, user_id: str) -> tuple[str | None, list[Fallback]]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        cur = self._current
+        return {
+            "store": self.kind,
+            "version": None if cur is None else cur.version,
+            "space_id": None if cur is None else cur.space_id,
+            "refused_versions": dict(self.refused),
+        }
+
+    # -- shared helpers -----------------------------------------------------------------------------------
+    @staticmethod
+    def _items_from_memory(kv: KnowledgeVersion, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        pos = kv.items.positions(item_ids)
+        found = pos >= 0
+        # NaN = "no vector": the model substitutes the level's average (same as offline evaluation).
+        out = np.full((len(item_ids), kv.dim), np.nan, dtype=np.float32)
+        if found.all():
+            out[:] = kv.items.matrix[pos]
+        else:
+            out[found] = kv.items.matrix[pos[found]]
+        return out, found
+
+
+def _table_to_items(table: KnowledgeTable) -> ItemVectors:
+    return ItemVectors(table.ids, table.embeddings)
+
+
+class SnapshotKnowledgeStore(KnowledgeStore):
+    """Knowledge straight from a Parquet snapshot (no Redis): everything in memory."""
+
+    kind = "snapshot"
+
+    def __init__(self, path: str | Path, expected_space_id: str | None, poll_interval_s: float = 1.0):
+        super().__init__(expected_space_id, poll_interval_s)
+        self.path = Path(path)
+        # A knowledge root (with LATEST) is followed; a version folder is fixed.
+        self.follow = (self.path / LATEST).exists() and not (self.path / "manifest.json").exists()
+
+    def _target(self) -> Path:
+        return resolve_snapshot_dir(self.path)
+
+    def refresh(self, initial: bool = False) -> None:
+        if not initial and not self.follow:
+            return
+        target = self._target()
+        cur = self._current
+        if cur is not None and target.name == cur.version:
+            return
+        if not initial and target.name in self.refused:
+            return
+        self._install(self.load(target), initial)
+
+    @staticmethod
+    def load(path: Path) -> KnowledgeVersion:
+        snap = KnowledgeSnapshot(path)
+        scen = snap.scenarios()
+        users = snap.users()
+        try:
+            items = snap.items()
+        except UserFacingError:
+            items = KnowledgeTable([], np.zeros((0, scen.dim), np.float32), [], [])
+        return KnowledgeVersion(
+            version=snap.version,
+            manifest=snap.manifest,
+            dim=scen.dim,
+            scenarios={sid: scen.embeddings[i] for i, sid in enumerate(scen.ids)},
+            scenario_responses={sid: scen.responses[i] or "" for i, sid in enumerate(scen.ids)},
+            default_user=snap.default_user(),
+            items=_table_to_items(items),
+            users=users,
+        )
+
+    def fetch(self, kv: KnowledgeVersion, user_id: str, item_ids: Sequence[str] | None, need_user: bool) -> Fetched:
+        fallbacks: list[Fallback] = []
+        user_vec = None
+        if need_user:
+            assert kv.users is not None
+            pos = kv.users.positions([user_id])[0]
+            if pos >= 0:
+                user_vec = kv.users.embeddings[pos]
+            else:
+                user_vec = kv.default_user
+                fallbacks.append(Fallback("user", UNKNOWN))
+        item_vecs = None
+        if item_ids is not None:
+            item_vecs, found = self._items_from_memory(kv, item_ids)
+            missing = int(len(found) - found.sum())
+            if missing:
+                fallbacks.append(Fallback("item", UNKNOWN, missing))
+        return Fetched(user_vec, item_vecs, fallbacks)
+
+    def user_response(self, kv: KnowledgeVersion, user_id: str) -> tuple[str | None, list[Fallback]]:
+        assert kv.users is not None
+        return kv.users.response_of(user_id), []
+
+
+def _redis_client(url: str, timeout_s: float):
+    """A client that fails fast: no retries (the breaker decides when to try again), short timeouts."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+        health_check_interval=0,
+    )
+
+
+class RedisKnowledgeStore(KnowledgeStore):
+    """Knowledge published to Redis (DESIGN section 5 key layout)."""
+
+    kind = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        expected_space_id: str | None,
+        poll_interval_s: float = 1.0,
+        timeout_s: float = 0.05,
+        retry_s: float = 0.5,
+        user_cache_size: int = 100_000,
+        item_preload_limit: int = 2_000_000,
+        on_redis_error: Callable[[], None] | None = None,
+    ):
+        super().__init__(expected_space_id, poll_interval_s)
+        self.url = url
+        self.retry_s = retry_s
+        self.item_preload_limit = item_preload_limit
+        self.fast = _redis_client(url, timeout_s)  # request path
+        self.slow = _redis_client(url, max(2.0, timeout_s))  # poller and version loads
+        self.cache = LRU(user_cache_size)
+        self._down_until = 0.0
+        self._down_since: float | None = None
+        self.errors = 0
+        self.on_redis_error = on_redis_error
+
+    # -- breaker ------------------------------------------------------------------------------------
+    @property
+    def redis_up(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _mark_down(self, exc: BaseException) -> None:
+        self.errors += 1
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning("Redis unreachable (%s); serving from cache/defaults", exc)
+        self._down_until = time.monotonic() + self.retry_s
+        if self.on_redis_error is not None:
+            self.on_redis_error()
+
+    def _mark_up(self) -> None:
+        if self._down_since is not None:
+            log.info("Redis reachable again after %.1f s", time.monotonic() - self._down_since)
+            self._down_since = None
+        self._down_until = 0.0
+
+    # -- versions ----------------------------------------------------------------------------------------
+    def refresh(self, initial: bool = False) -> None:
+        import redis
+
+        try:
+            raw = self.slow.get(keys.CURRENT)
+        except redis.RedisError as exc:
+            self._mark_down(exc)
+            if initial:
+                raise UserFacingError(f"cannot read {keys.CURRENT} from Redis at {self.url}: {exc}") from exc
+            return
+        self._mark_up()
+        if raw is None:
+            if initial:
+                log.warning(
+                    "no knowledge published at %s yet (%s unset); not ready until there is", self.url, keys.CURRENT
+                )
+            return
+        version = raw.decode()
+        cur = self._current
+        if cur is not None and cur.version == version:
+            return
+        if version in self.refused and not initial:
+            return
+        try:
+            kv = self.load(version)
+        except redis.RedisError as exc:
+            self._mark_down(exc)
+            if initial:
+                raise UserFacingError(f"cannot load knowledge {version} from Redis: {exc}") from exc
+            return
+        if self._install(kv, initial):
+            self.cache.drop_version({kv.version})
+
+    def _scan_ids(self, version: str, level: str) -> list[str]:
+        prefix = keys.vector_key(version, level, "")
+        out = []
+        for key in self.slow.scan_iter(match=prefix + "*", count=5000):
+            out.append(key.decode()[len(prefix) :])
+        return out
+
+    def load(self, version: str) -> KnowledgeVersion:
+        """Reads a published version's manifest, scenarios, default user and (up to the limit) items."""
+        meta = self.slow.get(keys.meta_key(version))
+        if meta is None:
+            raise UserFacingError(f"knowledge version {version} has no {keys.meta_key(version)} in Redis")
+        manifest = Manifest.from_dict(json.loads(meta))
+        dim = int(manifest.space.dim)
+        scen_ids = sorted(self._scan_ids(version, "scenarios"))
+        pipe = self.slow.pipeline(transaction=False)
+        for sid in scen_ids:
+            pipe.get(keys.scenario_key(version, sid))
+            pipe.get(keys.response_key(version, "scenarios", sid))
+        pipe.get(keys.default_user_key(version))
+        res = pipe.execute()
+        scenarios, responses = {}, {}
+        for i, sid in enumerate(scen_ids):
+            scenarios[sid] = keys.decode_vector(res[2 * i])
+            responses[sid] = (res[2 * i + 1] or b"").decode()
+        default_raw = res[-1]
+        default_user = keys.decode_vector(default_raw) if default_raw is not None else np.zeros(dim, np.float32)
+        if default_raw is None:
+            log.warning("knowledge %s has no default user vector; cold-start users get zeros", version)
+
+        item_ids = self._scan_ids(version, "items")
+        complete = len(item_ids) <= self.item_preload_limit
+        item_ids = item_ids[: self.item_preload_limit]
+        matrix = np.zeros((len(item_ids), dim), np.float32)
+        for start in range(0, len(item_ids), 5000):
+            chunk = item_ids[start : start + 5000]
+            vals = self.slow.mget([keys.item_key(version, i) for i in chunk])
+            for j, v in enumerate(vals):
+                if v is not None:
+                    matrix[start + j] = keys.decode_vector(v)
+        log.info(
+            "loaded knowledge %s from Redis: %d scenarios, %d items%s",
+            version,
+            len(scenarios),
+            len(item_ids),
+            "" if complete else " (partial; rest on demand)",
+        )
+        return KnowledgeVersion(
+            version=version,
+            manifest=manifest,
+            dim=dim,
+            scenarios=scenarios,
+            scenario_responses=responses,
+            default_user=default_user,
+            items=ItemVectors(item_ids, matrix),
+            items_complete=complete,
+        )
+
+    # -- request path ---------------------------------------------------------------------------------
+    def fetch(self, kv: KnowledgeVersion, user_id: str, item_ids: Sequence[str] | None, need_user: bool) -> Fetched:
+        import redis
+
+        fallbacks: list[Fallback] = []
+        version = kv.version
+        user_vec = None
+        ask_user = False
+        if need_user:
+            cached = self.cache.get((version, user_id), None)
+            if cached is not None:
+                user_vec = cached
+            else:
+                ask_user = True
+
+        item_vecs = None
+        ask_items: list[int] = []
+        if item_ids is not None:
+            item_vecs, found = self._items_from_memory(kv, item_ids)
+            if not found.all():
+                if kv.items_complete:
+                    fallbacks.append(Fallback("item", UNKNOWN, int(len(found) - found.sum())))
+                else:
+                    ask_items = np.flatnonzero(~found).tolist()
+
+        if ask_user or ask_items:
+            results = None
+            if self.redis_up:
+                try:
+                    pipe = self.fast.pipeline(transaction=False)
+                    if ask_user:
+                        pipe.get(keys.user_key(version, user_id))
+                    if ask_items:
+                        pipe.mget([keys.item_key(version, item_ids[i]) for i in ask_items])
+                    results = pipe.execute()
+                except redis.RedisError as exc:
+                    self._mark_down(exc)
+            if results is None:
+                if ask_user:
+                    user_vec = kv.default_user
+                    fallbacks.append(Fallback("user", REDIS_UNAVAILABLE))
+                if ask_items:
+                    fallbacks.append(Fallback("item", REDIS_UNAVAILABLE, len(ask_items)))
+            else:
+                pos = 0
+                if ask_user:
+                    raw = results[0]
+                    pos = 1
+                    if raw is None:
+                        # Not published for this version: cold start. Cached too (with the default vector) so a
+                        # stream of requests for an unknown user does not hit Redis every time.
+                        user_vec = kv.default_user
+                        fallbacks.append(Fallback("user", UNKNOWN))
+                        self.cache.put((version, user_id), _Unknown(kv.default_user))
+                    else:
+                        user_vec = keys.decode_vector(raw)
+                        self.cache.put((version, user_id), user_vec)
+                if ask_items:
+                    unknown = 0
+                    for i, raw in zip(ask_items, results[pos], strict=True):
+                        if raw is None:
+                            unknown += 1
+                        else:
+                            item_vecs[i] = keys.decode_vector(raw)
+                    if unknown:
+                        fallbacks.append(Fallback("item", UNKNOWN, unknown))
+        if isinstance(user_vec, _Unknown):
+            user_vec = user_vec.vec
+            fallbacks.append(Fallback("user", UNKNOWN))
+        return Fetched(user_vec, item_vecs, fallbacks)
+
+    def user_response(self, kv: KnowledgeVersion, user_id: str) -> tuple[str | None, list[Fallback]]:
+        import redis
+
+        if not self.redis_up:
+            return None, [Fallback("user", REDIS_UNAVAILABLE)]
+        try:
+            raw = self.fast.get(keys.response_key(kv.version, "users", user_id))
+        except redis.RedisError as exc:
+            self._mark_down(exc)
+            return None, [Fallback("user", REDIS_UNAVAILABLE)]
+        return (None if raw is None else raw.decode()), []
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out.update({"redis_up": self.redis_up, "user_cache_entries": len(self.cache), "redis_errors": self.errors})
+        return out
+
+    def stop(self) -> None:
+        super().stop()
+        for client in (self.fast, self.slow):
+            try:
+                client.close()
+            except Exception:  # closing a dead connection is not an error worth reporting
+                pass
+
+
+class _Unknown:
+    """LRU marker: this user has no vector in the version; `vec` is the default it gets."""
+
+    __slots__ = ("vec",)
+
+    def __init__(self, vec: np.ndarray):
+        self.vec = vec

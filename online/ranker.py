@@ -1,0 +1,137 @@
+"""The loaded model: artifact + request scorer, with what the HTTP layer needs to know about it.
+
+One `Ranker` is immutable once built; an admin reload builds a new one and swaps the reference, so a request that
+started on the old model finishes on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from shared.errors import UserFacingError
+
+log = logging.getLogger(__name__)
+
+
+def cap_torch_threads(n: int) -> None:
+    """One worker per container; more intra-op threads than cores only adds contention under concurrent load."""
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # can only be set once per process, before any parallel work
+        pass
+
+
+@dataclass
+class Ranker:
+    artifact_dir: Path
+    artifact: object
+    scorer: object
+    model_version: str
+    knowledge_space_id: str | None
+    scenarios: tuple[str, ...]
+    needs_levels: frozenset[str]
+    backbone: str
+    loaded_at: float = field(default_factory=time.time)
+    _forward_gate: threading.BoundedSemaphore | None = None
+
+    @classmethod
+    def load(cls, artifact_dir: str | Path, max_concurrent_forwards: int = 2) -> Ranker:
+        from shared.artifact import load_artifact
+        from shared.scoring import RequestScorer
+
+        path = Path(artifact_dir)
+        if not path.exists():
+            raise UserFacingError(f"model artifact not found: {path}")
+        artifact = load_artifact(path)
+        scorer = RequestScorer(artifact)
+        cfg = artifact.config
+        needs = frozenset(scorer.needs_levels)
+        space = getattr(cfg, "knowledge_space_id", None) if needs else None
+        ranker = cls(
+            artifact_dir=path,
+            artifact=artifact,
+            scorer=scorer,
+            model_version=str(cfg.model_version),
+            knowledge_space_id=space or None,
+            scenarios=tuple(cfg.scenarios),
+            needs_levels=needs,
+            backbone=str(getattr(cfg, "backbone", "")),
+            _forward_gate=threading.BoundedSemaphore(max_concurrent_forwards),
+        )
+        ranker.warm_up()
+        log.info(
+            "loaded model %s (%s, levels %s) from %s",
+            ranker.model_version,
+            ranker.backbone,
+            sorted(needs) or "none",
+            path,
+        )
+        return ranker
+
+    @property
+    def needs_user(self) -> bool:
+        return "user" in self.needs_levels
+
+    @property
+    def needs_items(self) -> bool:
+        return "item" in self.needs_levels
+
+    @property
+    def needs_scenario(self) -> bool:
+        return "scenario" in self.needs_levels
+
+    @property
+    def uses_knowledge(self) -> bool:
+        return bool(self.needs_levels)
+
+    def oov_count(self, item_ids: list[str]) -> int:
+        """Candidates whose id the model never saw (they get the out-of-vocabulary embedding)."""
+        vocab = self.scorer.encoder.vocabs.get("item_id")
+        return 0 if vocab is None else int((vocab.encode(item_ids) == 0).sum())
+
+    def score(self, scenario: str, user_id: str, item_ids: list[str], knowledge, features=None) -> np.ndarray:
+        """One batched forward for all candidates (the meta layers are generated once per request)."""
+        import torch
+
+        gate = self._forward_gate
+        if gate is not None:
+            gate.acquire()
+        try:
+            with torch.inference_mode():
+                scores = self.scorer.score(scenario, user_id, item_ids, knowledge, features=features)
+        finally:
+            if gate is not None:
+                gate.release()
+        return np.asarray(scores, dtype=np.float32).reshape(-1)
+
+    def warm_up(self) -> None:
+        """First forwards allocate and pick kernels; do that before the first real request."""
+        from shared.scoring import RequestKnowledge
+
+        dim = self._knowledge_dim()
+        scenario = self.scenarios[0]
+        for n in (1, 100, 500):
+            ids = [f"__warmup_{i}" for i in range(n)]
+            kn = RequestKnowledge(
+                scenario_vec=np.zeros(dim, np.float32) if self.needs_scenario else None,
+                user_vec=np.zeros(dim, np.float32) if self.needs_user else None,
+                item_vecs=np.zeros((n, dim), np.float32) if self.needs_items else None,
+            )
+            self.score(scenario, "__warmup", ids, kn)
+
+    def _knowledge_dim(self) -> int:
+        cfg = self.artifact.config
+        for name in ("knowledge_dim", "k_dim", "knowledge_in_dim"):
+            value = getattr(cfg, name, None)
+            if value:
+                return int(value)
+        return 0

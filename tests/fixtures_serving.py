@@ -1,0 +1,232 @@
+"""Helpers for the serving tests: real knowledge snapshots, Redis publishing, and a real uvicorn subprocess."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shared.knowledge import keys
+from shared.knowledge.snapshot import (
+    DEFAULT_USER_ID,
+    DEFAULTS,
+    KnowledgeSpace,
+    KnowledgeTable,
+    Manifest,
+    write_manifest,
+    write_table,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_space(dim: int = 8, model: str = "test-vectors") -> KnowledgeSpace:
+    return KnowledgeSpace(model=model, template_sha256="0" * 64, pooling="mean", mode="encode", raw_dim=dim, dim=dim)
+
+
+def _table(ids: Sequence[str], dim: int, seed: int, answer: str | None) -> KnowledgeTable:
+    rng = np.random.default_rng(seed)
+    return KnowledgeTable(
+        ids=list(ids),
+        embeddings=rng.normal(size=(len(ids), dim)).astype(np.float32),
+        prompt_sha256=[hashlib.sha256(f"{seed}:{i}".encode()).hexdigest() for i in ids],
+        responses=[(answer.format(id=i) if answer else "") for i in ids],
+    )
+
+
+def write_snapshot(
+    root: Path,
+    version: str,
+    scenarios: Sequence[str],
+    users: Sequence[str],
+    items: Sequence[str],
+    space: KnowledgeSpace,
+    seed: int = 0,
+    split_fingerprint: str = "test",
+) -> Path:
+    """A real snapshot version (Parquet + manifest, LATEST updated) with seeded vectors and readable answers."""
+    out = Path(root) / version
+    out.mkdir(parents=True, exist_ok=True)
+    dim = space.dim
+    write_table(out / "scenarios.parquet", _table(scenarios, dim, seed + 1, "Scenario {id}: answer " + version))
+    write_table(out / "users.parquet", _table(users, dim, seed + 2, "User {id} likes things (" + version + ")"))
+    write_table(out / "items.parquet", _table(items, dim, seed + 3, None))
+    write_table(out / f"{DEFAULTS}.parquet", _table([DEFAULT_USER_ID], dim, seed + 4, None))
+    manifest = Manifest(
+        version=version,
+        created_at="2024-01-01T00:00:00Z",
+        space=space,
+        dataset_fingerprint="test",
+        split_fingerprint=split_fingerprint,
+        counts={"scenarios": len(scenarios), "users": len(users), "items": len(items)},
+        backend="test",
+    )
+    write_manifest(out, manifest)
+    return out
+
+
+def publish(snapshot_dir: Path, redis_url: str, keep_old: int = 1) -> str:
+    """Publishes with the knowledge engineer's publisher when present, else writes the documented keys."""
+    try:
+        from offline.knowledge.publish import publish_snapshot
+    except ImportError:
+        return _publish_keys(snapshot_dir, redis_url)
+    return publish_snapshot(snapshot_dir, redis_url, keep_old=keep_old)
+
+
+def _publish_keys(snapshot_dir: Path, redis_url: str) -> str:
+    import redis
+
+    from shared.knowledge.snapshot import KnowledgeSnapshot
+
+    snap = KnowledgeSnapshot(snapshot_dir)
+    v = snap.version
+    r = redis.Redis.from_url(redis_url)
+    pipe = r.pipeline(transaction=False)
+    for level in ("scenarios", "users", "items"):
+        t = snap.table(level)
+        for i, id_ in enumerate(t.ids):
+            pipe.set(keys.vector_key(v, level, id_), keys.encode_vector(t.embeddings[i]))
+            if t.responses[i]:
+                pipe.set(keys.response_key(v, level, id_), t.responses[i].encode())
+    pipe.set(keys.default_user_key(v), keys.encode_vector(snap.default_user()))
+    import json
+
+    pipe.set(keys.meta_key(v), json.dumps(snap.manifest.to_dict()))
+    pipe.rpush(keys.VERSIONS, v)
+    pipe.execute()
+    r.set(keys.CURRENT, v)
+    r.close()
+    return v
+
+
+@dataclass
+class ServerProcess:
+    """`llm4msr serve` as a real uvicorn subprocess on a free loopback port."""
+
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_server(
+    args: list[str], log_path: Path, env: dict | None = None, wait_ready: bool = True, timeout: float = 90.0
+) -> ServerProcess:
+    import httpx
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llm4msr_cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+        cwd=REPO,
+        env=full_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    server = ServerProcess(proc, port, log_path)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
+        try:
+            r = httpx.get(f"{server.url}/readyz" if wait_ready else f"{server.url}/healthz", timeout=1.0)
+            if r.status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"server not ready in {timeout} s:\n{server.log()}")
+
+
+@dataclass
+class ServingWorld:
+    """A synthetic dataset, its split, a knowledge snapshot built on that split, and trained artifacts."""
+
+    data_dir: Path
+    split: object
+    knowledge_root: Path
+    artifacts: dict[str, Path]
+    users: list[str]
+    items: list[str]
+    scenarios: list[str]
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.knowledge_root / "v1"
+
+
+def build_world(
+    root: Path, users: int = 60, variants: Sequence[str] = ("llm4msr", "plain"), dim: int = 8, epochs: int = 1
+) -> ServingWorld:
+    """Trains tiny real artifacts (seconds on CPU) on seeded knowledge vectors of a real snapshot.
+
+    `llm4msr` uses all three knowledge levels (scenario, user, item) so that every lookup path is exercised.
+    """
+    from offline.training.trainer import TrainConfig, train
+    from shared.artifact import save_artifact
+    from shared.dataset.folder import read_dataset, write_dataset
+    from shared.dataset.split import make_split
+    from shared.dataset.synth import SynthConfig, generate
+    from shared.knowledge.snapshot import KnowledgeSnapshot
+
+    root = Path(root)
+    data_dir = root / "data"
+    write_dataset(
+        generate(SynthConfig(users=users, items_per_scenario=40, main_impressions=20, side_impressions=5)), data_dir
+    )
+    dataset = read_dataset(data_dir)
+    split = make_split(dataset)
+    scen = dataset.scenario_names
+    train_users = sorted(split.train_positives()["user_id"].astype(str).unique())
+    items = dataset.items["item_id"].astype(str).tolist()
+    # Leave one catalogue item without knowledge, so the "unknown item" path is real.
+    kn_root = root / "knowledge"
+    vdir = write_snapshot(
+        kn_root, "v1", scen, train_users, items[:-1], make_space(dim), seed=11, split_fingerprint=split.fingerprint()
+    )
+    snap = KnowledgeSnapshot(vdir)
+    artifacts = {}
+    for name in variants:
+        cfg = TrainConfig(
+            backbone="star",
+            llm4msr=(name != "plain"),
+            levels=["scenario", "user", "item"],
+            epochs=epochs,
+            batch_size=512,
+            threads=1,
+            progress=False,
+            seed=0,
+        )
+        result = train(dataset, split, snap if name != "plain" else None, cfg)
+        artifacts[name] = save_artifact(
+            root / f"artifact-{name}", result.model, result.encoder, result.artifact_fields(split)
+        )
+    return ServingWorld(data_dir, split, kn_root, artifacts, train_users, items, scen)
