@@ -1,0 +1,330 @@
+"""Training loop: Adam, early stopping on validation AUC, seeded, capped threads, progress with samples/s.
+
+Data comes from the Split (train/valid/test rows); knowledge from a KnowledgeSnapshot built on the SAME split
+(its manifest's split_fingerprint must equal the split's, otherwise the user prompts may have seen held-out rows).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from shared.dataset.folder import Dataset
+from shared.dataset.split import Split
+from shared.errors import UserFacingError
+from shared.knowledge.snapshot import KnowledgeSnapshot
+from shared.metrics import summarize
+from shared.models.backbones import backbone_class
+from shared.models.ctr import CTRModel, ModelConfig
+from shared.models.features import FeatureEncoder
+from shared.models.llm4msr import LLM4MSRConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = "star"
+    backbone_params: dict = field(default_factory=dict)
+    llm4msr: bool = True
+    knowledge_source: str = "llm"
+    levels: list[str] = field(default_factory=lambda: ["scenario", "user"])
+    placement: str = "both"
+    embed_dim: int = 16
+    proj_dim: int = 32
+    meta_dim: int = 64
+    rank: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 2048
+    epochs: int = 10
+    patience: int = 1
+    seed: int = 0
+    threads: int = 2
+    eval_batch_size: int = 8192
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Arrays:
+    """One split, encoded: everything a batch needs, as tensors."""
+
+    frame: pd.DataFrame
+    fields: torch.Tensor
+    scenario: torch.Tensor
+    user_row: torch.Tensor
+    item_row: torch.Tensor
+    label: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+
+class KnowledgeTables:
+    """Snapshot vectors as tensors aligned for gathering: scenarios by scenario index, users with the default
+    user vector as the last row, items with a NaN row (= average) last."""
+
+    def __init__(self, snapshot: KnowledgeSnapshot, scenarios: list[str], levels: list[str]):
+        self.snapshot = snapshot
+        self.dim = snapshot.space.dim
+        self.levels = levels
+        self.tables: dict[str, torch.Tensor] = {}
+        self.norm: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._users = snapshot.users() if ("user" in levels or "scenario" in levels) else None
+        if "scenario" in levels:
+            vec, found = snapshot.scenarios().lookup(scenarios)
+            if not found.all():
+                missing = [s for s, f in zip(scenarios, found) if not f]
+                raise UserFacingError(f"knowledge snapshot {snapshot.path} has no vector for scenario(s) {missing}")
+            self.tables["scenario"] = torch.from_numpy(vec)
+        if "user" in levels:
+            users = self._users
+            self.tables["user"] = torch.from_numpy(np.vstack([users.embeddings, snapshot.default_user()[None]]))
+        if "item" in levels:
+            items = snapshot.items()
+            nan = np.full((1, items.dim), np.nan, dtype=np.float32)
+            self.tables["item"] = torch.from_numpy(np.vstack([items.embeddings, nan]))
+        # Standardization: scenario and user prompts share one distribution (user table statistics, the larger
+        # sample); item vectors (encoded titles) get their own.
+        for level in levels:
+            source = snapshot.items().embeddings if level == "item" else self._users.embeddings
+            mean = source.astype(np.float64).mean(0)
+            std = source.astype(np.float64).std(0)
+            scale = 1.0 / np.maximum(std, 1e-6)
+            self.norm[level] = (torch.tensor(mean, dtype=torch.float32), torch.tensor(scale, dtype=torch.float32))
+
+    def rows(self, level: str, ids: pd.Series) -> np.ndarray:
+        if level not in self.tables:
+            return np.zeros(len(ids), dtype=np.int64)
+        table = self.snapshot.users() if level == "user" else self.snapshot.items()
+        pos = table.positions(ids.astype(str).tolist())
+        pos[pos < 0] = len(table.ids)  # default user / NaN item row
+        return pos.astype(np.int64)
+
+
+def encode_split(frame: pd.DataFrame, encoder: FeatureEncoder, tables: KnowledgeTables | None) -> Arrays:
+    fields, scen = encoder.encode_frame(frame)
+    user_row = tables.rows("user", frame["user_id"]) if tables else np.zeros(len(frame), np.int64)
+    item_row = tables.rows("item", frame["item_id"]) if tables else np.zeros(len(frame), np.int64)
+    return Arrays(
+        frame=frame,
+        fields=torch.from_numpy(fields),
+        scenario=torch.from_numpy(scen),
+        user_row=torch.from_numpy(user_row),
+        item_row=torch.from_numpy(item_row),
+        label=torch.tensor(frame["label"].to_numpy(np.float32)),
+    )
+
+
+def batch_knowledge(tables: KnowledgeTables | None, data: Arrays, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    if tables is None:
+        return {}
+    out = {}
+    if "scenario" in tables.tables:
+        out["scenario"] = tables.tables["scenario"][data.scenario[idx]]
+    if "user" in tables.tables:
+        out["user"] = tables.tables["user"][data.user_row[idx]]
+    if "item" in tables.tables:
+        out["item"] = tables.tables["item"][data.item_row[idx]]
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.inference_mode()
+def predict(model: CTRModel, tables: KnowledgeTables | None, data: Arrays, batch_size: int) -> np.ndarray:
+    model.eval()
+    out = np.zeros(len(data), dtype=np.float32)
+    for start in range(0, len(data), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(data)))
+        logits = model(data.fields[idx], data.scenario[idx], batch_knowledge(tables, data, idx))
+        out[start : start + len(idx)] = torch.sigmoid(logits).numpy()
+    return out
+
+
+@dataclass
+class TrainResult:
+    model: CTRModel
+    encoder: FeatureEncoder
+    metrics: dict
+    history: list[dict]
+    config: TrainConfig
+    knowledge: KnowledgeSnapshot | None
+    seconds: float
+    best_epoch: int
+
+    def artifact_fields(self, split: Split) -> dict:
+        """The ArtifactConfig fields that training knows."""
+        wrapper = self.model.config.llm4msr
+        kn = self.knowledge if (wrapper is not None and wrapper.knowledge_source == "llm") else None
+        return {
+            "llm4msr": wrapper is not None,
+            "knowledge_source": wrapper.knowledge_source if wrapper else "none",
+            "levels": list(wrapper.levels) if wrapper else [],
+            "placement": wrapper.placement if wrapper else None,
+            "knowledge_space_id": kn.space.id if kn else None,
+            "knowledge_version": kn.version if kn else None,
+            "knowledge_dim": kn.space.dim if kn else None,
+            "train": {
+                **self.config.to_dict(),
+                "best_epoch": self.best_epoch,
+                "seconds": round(self.seconds, 1),
+                "history": self.history,
+            },
+            "metrics": self.metrics,
+            "data_fingerprint": split.dataset_fingerprint,
+            "split_fingerprint": split.fingerprint(),
+            "split_config": split.config.to_dict(),
+        }
+
+
+def check_snapshot_split(snapshot: KnowledgeSnapshot, split: Split) -> None:
+    """The leakage guard: knowledge must be built from this split's train rows."""
+    if snapshot.manifest.split_fingerprint != split.fingerprint():
+        raise UserFacingError(
+            f"knowledge snapshot {snapshot.path} was built on another split (split fingerprint "
+            f"{snapshot.manifest.split_fingerprint[:12]}, this data/split is {split.fingerprint()[:12]}): its user "
+            "prompts may contain validation/test interactions. Rebuild the knowledge with the same data and split "
+            "options, or pass the same split options here"
+        )
+
+
+def build_model(cfg: TrainConfig, encoder: FeatureEncoder, knowledge_dim: int) -> CTRModel:
+    backbone_class(cfg.backbone)  # clear error for an unknown name
+    wrapper = None
+    if cfg.llm4msr:
+        wrapper = LLM4MSRConfig(
+            levels=cfg.levels,
+            placement=cfg.placement,
+            knowledge_source=cfg.knowledge_source,
+            knowledge_dim=knowledge_dim,
+            proj_dim=cfg.proj_dim,
+            meta_dim=cfg.meta_dim,
+            rank=cfg.rank,
+        )
+    return CTRModel(
+        ModelConfig(
+            fields=list(encoder.field_sizes().items()),
+            n_scenarios=len(encoder.scenarios),
+            embed_dim=cfg.embed_dim,
+            backbone=cfg.backbone,
+            backbone_params=cfg.backbone_params,
+            llm4msr=wrapper,
+        )
+    )
+
+
+def train(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, cfg: TrainConfig) -> TrainResult:
+    torch.set_num_threads(max(1, cfg.threads))
+    seed_everything(cfg.seed)
+    started = time.perf_counter()
+    uses_llm = cfg.llm4msr and cfg.knowledge_source == "llm"
+    tables = None
+    if uses_llm:
+        if snapshot is None:
+            raise UserFacingError("LLM4MSR with --knowledge-source llm needs --knowledge SNAPSHOT")
+        check_snapshot_split(snapshot, split)
+    if snapshot is not None and cfg.llm4msr:
+        check_snapshot_split(snapshot, split)
+    encoder = FeatureEncoder.fit(dataset, split.train)
+    if uses_llm:
+        tables = KnowledgeTables(snapshot, encoder.scenarios, list(LLM4MSRConfig(levels=cfg.levels).levels))
+    model = build_model(cfg, encoder, tables.dim if tables else 0)
+    if tables is not None:
+        for level, (mean, scale) in tables.norm.items():
+            model.wrapper.set_normalization(level, mean, scale)
+    data = {name: encode_split(frame, encoder, tables) for name, frame in split.frames().items()}
+    if len(data["train"]) == 0 or len(data["valid"]) == 0:
+        raise UserFacingError("training needs non-empty train and validation splits")
+    optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    best_auc, best_state, best_epoch, bad = -1.0, None, 0, 0
+    history: list[dict] = []
+    train_data = data["train"]
+    n = len(train_data)
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        bar = tqdm(
+            total=n,
+            desc=f"{cfg.backbone} epoch {epoch}",
+            unit="row",
+            unit_scale=True,
+            disable=not cfg.progress,
+            mininterval=1.0,
+            leave=False,
+        )
+        for start in range(0, n, cfg.batch_size):
+            idx = perm[start : start + cfg.batch_size]
+            logits = model(train_data.fields[idx], train_data.scenario[idx], batch_knowledge(tables, train_data, idx))
+            loss = loss_fn(logits, train_data.label[idx])
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            total += float(loss.detach()) * len(idx)
+            bar.update(len(idx))
+        bar.close()
+        train_seconds = time.perf_counter() - t0
+        valid_probs = predict(model, tables, data["valid"], cfg.eval_batch_size)
+        valid = summarize(data["valid"].frame, valid_probs)["overall"]
+        row = {
+            "epoch": epoch,
+            "train_loss": total / n,
+            "valid_auc": valid["auc"],
+            "valid_logloss": valid["logloss"],
+            "train_seconds": round(train_seconds, 2),
+            "samples_per_s": round(n / train_seconds, 1),
+        }
+        history.append(row)
+        log.info(
+            "epoch %d: loss %.4f valid AUC %.4f logloss %.4f (%.1fs, %.0f samples/s)",
+            epoch,
+            row["train_loss"],
+            valid["auc"],
+            valid["logloss"],
+            train_seconds,
+            row["samples_per_s"],
+        )
+        if valid["auc"] > best_auc + 1e-5:
+            best_auc, best_epoch, bad = valid["auc"], epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad += 1
+            if bad > cfg.patience:
+                log.info("early stopping after epoch %d (best epoch %d, valid AUC %.4f)", epoch, best_epoch, best_auc)
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    metrics = {
+        name: summarize(data[name].frame, predict(model, tables, data[name], cfg.eval_batch_size))
+        for name in ("valid", "test")
+        if len(data[name])
+    }
+    return TrainResult(
+        model=model,
+        encoder=encoder,
+        metrics=metrics,
+        history=history,
+        config=cfg,
+        knowledge=snapshot,
+        seconds=time.perf_counter() - started,
+        best_epoch=best_epoch,
+    )

@@ -1,0 +1,1 @@
+"""Multi-scenario CTR models: backbones (registry), the LLM4MSR wrapper and feature encoding."""

@@ -1,0 +1,94 @@
+"""The one interface every multi-scenario backbone implements, and small building blocks they share.
+
+A backbone maps the concatenated input embeddings x [B, D] and the scenario index [B] to one CTR logit per row.
+Every operation is row-wise in eval mode (normalization uses running statistics), so a row's score never depends
+on what else is in the batch: the ranker's 500-candidate request and the evaluator's 4096-row batch agree.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+
+class BackboneConfig(BaseModel):
+    """Hyper-parameters of one architecture; subclasses add their own fields."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: ClassVar[str] = ""
+    dropout: float = 0.0
+
+
+class Backbone(nn.Module):
+    """Subclasses set `config_class` and implement forward(x, scenario) -> logits [B]."""
+
+    config_class: ClassVar[type[BackboneConfig]] = BackboneConfig
+
+    def __init__(self, config: BackboneConfig, input_dim: int, n_scenarios: int):
+        super().__init__()
+        self.config = config
+        self.input_dim = input_dim
+        self.n_scenarios = n_scenarios
+
+    def forward(self, x: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def mlp(dims: list[int], dropout: float = 0.0, last_act: bool = True) -> nn.Sequential:
+    """Linear + ReLU stack; dims = [in, h1, ..., out]."""
+    layers: list[nn.Module] = []
+    for i in range(len(dims) - 1):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < len(dims) - 2 or last_act:
+            layers.append(nn.ReLU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class StackedLinear(nn.Module):
+    """K independent linear maps applied to the same or to K different inputs in one einsum.
+
+    Used for per-scenario towers and experts: with few scenarios, computing all of them and selecting the row's
+    own is faster on CPU than gathering per-row weight matrices, and it is batch-independent.
+    """
+
+    def __init__(self, k: int, in_dim: int, out_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(k, in_dim, out_dim))
+        self.bias = nn.Parameter(torch.zeros(k, out_dim))
+        bound = 1.0 / math.sqrt(in_dim)
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, D] (shared input) or [B, K, D] (one input per map) -> [B, K, out]."""
+        if x.dim() == 2:
+            return torch.einsum("bd,kdo->bko", x, self.weight) + self.bias
+        return torch.einsum("bkd,kdo->bko", x, self.weight) + self.bias
+
+
+class StackedMLP(nn.Module):
+    """K MLPs of the same shape evaluated together: [B, D] or [B, K, D] -> [B, K, dims[-1]]."""
+
+    def __init__(self, k: int, dims: list[int], dropout: float = 0.0, last_act: bool = True):
+        super().__init__()
+        self.layers = nn.ModuleList(StackedLinear(k, dims[i], dims[i + 1]) for i in range(len(dims) - 1))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.last_act = last_act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1 or self.last_act:
+                x = self.dropout(torch.relu(x))
+        return x
+
+
+def select(stacked: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
+    """[B, S, ...] -> [B, ...]: each row's own scenario slice."""
+    index = scenario.view(-1, *([1] * (stacked.dim() - 1))).expand(-1, 1, *stacked.shape[2:])
+    return stacked.gather(1, index).squeeze(1)

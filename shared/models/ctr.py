@@ -1,0 +1,68 @@
+"""The CTR model: field embeddings -> (optional LLM4MSR wrapper) -> backbone -> one logit per row."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from shared.models.backbones import build_backbone
+from shared.models.features import ITEM, SCENARIO, USER
+from shared.models.llm4msr import LLM4MSR, LLM4MSRConfig
+
+
+class ModelConfig(BaseModel):
+    """Everything needed to rebuild the network (the weights come from model.safetensors)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # (field name, vocabulary size incl. OOV) in input order; a list, not a dict, because config.json is
+    # written with sorted keys and the order defines the embedding layout.
+    fields: list[tuple[str, int]]
+    n_scenarios: int
+    embed_dim: int = 16
+    backbone: str = "star"
+    backbone_params: dict = {}
+    llm4msr: LLM4MSRConfig | None = None
+
+
+class CTRModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        names = [name for name, _ in config.fields]
+        sizes = torch.tensor([size for _, size in config.fields])
+        field_sizes = dict(config.fields)
+        # One table for all fields (offsets per field): one lookup per batch instead of F.
+        self.register_buffer("offsets", torch.cumsum(sizes, 0) - sizes, persistent=False)
+        self.embedding = nn.Embedding(int(sizes.sum()), config.embed_dim)
+        nn.init.normal_(self.embedding.weight, std=0.05)
+        self.pos = {USER: names.index(USER), ITEM: names.index(ITEM), SCENARIO: names.index(SCENARIO)}
+        x_dim = len(names) * config.embed_dim
+        self.wrapper: LLM4MSR | None = None
+        if config.llm4msr is not None:
+            self.wrapper = LLM4MSR(config.llm4msr, x_dim, config.n_scenarios, field_sizes[USER], field_sizes[ITEM])
+            x_dim = self.wrapper.x_dim
+        self.backbone = build_backbone(config.backbone, config.backbone_params, x_dim, config.n_scenarios)
+
+    @property
+    def needs_levels(self) -> frozenset[str]:
+        return self.wrapper.needs_levels if self.wrapper is not None else frozenset()
+
+    def forward(
+        self,
+        fields: torch.Tensor,
+        scenario: torch.Tensor,
+        knowledge: dict[str, torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
+        """fields [B, F] vocabulary indices, scenario [B] in 0..S-1, knowledge {level: [B or 1, d]} -> logits [B]."""
+        x = self.embedding(fields + self.offsets).flatten(1)
+        z = None
+        if self.wrapper is not None:
+            index = {
+                "scenario": scenario,
+                "user": fields[:, self.pos[USER]],
+                "item": fields[:, self.pos[ITEM]],
+            }
+            x, z = self.wrapper(x, index, knowledge or {})
+        logit = self.backbone(x, scenario)
+        return logit + z if z is not None else logit
