@@ -1,9 +1,115 @@
-"""CLI registration of `llm4msr refresh` (filled in by the deployment issue)."""
+"""`llm4msr refresh`: the nightly job as one command (build knowledge, retrain if needed, publish, reload).
+
+The knowledge options are exactly those of `llm4msr knowledge build` (taken from its parser, so the two never
+drift apart), with --knowledge-root in place of --out. Exit codes: offline.refresh.job.ExitCode.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+
+# Options of `knowledge build` that refresh replaces or does not take.
+_NOT_INHERITED = {"help", "data", "out"}
+
+
+def _knowledge_build_parser() -> argparse.ArgumentParser:
+    """The parser of `llm4msr knowledge build`, registered on a scratch parser."""
+    from offline.knowledge.cli import register as register_knowledge
+
+    subs = argparse.ArgumentParser(add_help=False).add_subparsers()
+    register_knowledge(subs)
+    knowledge = subs.choices["knowledge"]
+    for action in knowledge._actions:
+        if isinstance(action, argparse._SubParsersAction) and "build" in action.choices:
+            return action.choices["build"]
+    raise RuntimeError("`llm4msr knowledge build` is not registered")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    return None
+    from offline.refresh.job import ExitCode
+
+    codes = "; ".join(f"{c.value} {c.name.lower()}" for c in ExitCode)
+    p = sub.add_parser(
+        "refresh",
+        help="nightly job: build knowledge incrementally, retrain if the knowledge space changed, publish",
+        description="Builds knowledge incrementally (unchanged prompts keep their vectors), retrains the model when "
+        "the knowledge space changed or no model exists, publishes the version to Redis, and writes a JSON run "
+        f"report. Exit codes: {codes}.",
+    )
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--knowledge-root", required=True, help="knowledge root (versions + LATEST), reused across runs")
+    p.add_argument("--artifact-dir", required=True, help="model artifact the rankers serve (replaced on retrain)")
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get("LLM4MSR_REDIS_URL"),
+        help="publish here (env LLM4MSR_REDIS_URL); without it rankers follow the root's LATEST",
+    )
+    p.add_argument("--keep-old", type=int, default=1, help="older published versions kept in Redis for rollback")
+    p.add_argument("--report", help="write the run report (JSON) here")
+    p.add_argument(
+        "--retrain",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="auto: when the knowledge space changed or no usable model exists",
+    )
+    p.add_argument(
+        "--reload-url",
+        action="append",
+        default=[],
+        help="ranker base URL to POST /admin/reload after a retrain (repeat; token: LLM4MSR_ADMIN_TOKEN)",
+    )
+
+    t = p.add_argument_group("training of a first model (later retrains reuse the current model's settings)")
+    t.add_argument("--backbone", choices=("shared_bottom", "mmoe", "ple", "star"), default="star")
+    t.add_argument("--levels", default="scenario,user", help="comma list of scenario,user,item")
+    t.add_argument("--placement", choices=("bottom", "parallel", "both"), default="both")
+    t.add_argument("--train-epochs", type=int, default=10)
+    t.add_argument("--train-batch-size", type=int, default=2048)
+    t.add_argument("--train-threads", type=int, default=2)
+    t.add_argument("--seed", type=int, default=0)
+
+    k = p.add_argument_group("knowledge build (the options of `llm4msr knowledge build`)")
+    for action in _knowledge_build_parser()._actions:
+        if action.dest not in _NOT_INHERITED:
+            k._add_action(action)
+    p.set_defaults(handler=cmd_refresh)
+
+
+def config_from_args(args: argparse.Namespace):
+    from offline.knowledge.cli import config_from_args as knowledge_config
+    from offline.refresh.job import RefreshConfig
+    from offline.training.trainer import TrainConfig
+
+    kargs = argparse.Namespace(**vars(args))
+    kargs.out = args.knowledge_root
+    train = TrainConfig(
+        backbone=args.backbone,
+        levels=[x.strip() for x in args.levels.split(",") if x.strip()],
+        placement=args.placement,
+        epochs=args.train_epochs,
+        batch_size=args.train_batch_size,
+        threads=args.train_threads,
+        seed=args.seed,
+        progress=False,
+    )
+    return RefreshConfig(
+        knowledge=knowledge_config(kargs),
+        artifact_dir=args.artifact_dir,
+        redis_url=args.redis_url,
+        keep_old=args.keep_old,
+        retrain=args.retrain,
+        train=train,
+        reload_urls=tuple(args.reload_url),
+        admin_token=os.environ.get("LLM4MSR_ADMIN_TOKEN"),
+    )
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from offline.refresh.job import run_refresh
+
+    report = run_refresh(config_from_args(args))
+    if args.report:
+        report.write(args.report)
+    print(report.summary())
+    return report.exit_code
