@@ -1,0 +1,219 @@
+"""The dashboards and alert rules read metrics that a real ranker exports, and a real Prometheus can compute them.
+
+A real `llm4msr serve` (uvicorn subprocess, knowledge from a real Redis) is scraped directly, then by the Debian
+`prometheus` server loaded with the project's own alert rules and scrape job; after a short /rank load the
+dashboard's p99 query, sent through Prometheus's HTTP API, returns a number, and every dashboard query and rule
+evaluates without error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fixtures_deploy import (
+    ALERTS,
+    DASHBOARDS,
+    PROMETHEUS_DIR,
+    Proc,
+    alert_rules,
+    dashboard_exprs,
+    free_port,
+    grafana_to_promql,
+    metric_names,
+    prometheus_exe,
+    wait_http,
+)
+from tests.fixtures_serving import build_world, publish, rank_body, start_server
+
+P99_TITLE = "/rank latency percentiles"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("deploy-world"), users=40, variants=("llm4msr-item",))
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    from tests.conftest import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("deploy-redis"))
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ranker(world, redis_url, tmp_path_factory):
+    publish(world.snapshot_dir, redis_url)
+    log = tmp_path_factory.mktemp("deploy-ranker") / "ranker.log"
+    server = start_server(
+        ["--artifact", str(world.artifacts["llm4msr-item"]), "--redis-url", redis_url],
+        log,
+        env={"LLM4MSR_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"},
+    )
+    yield server
+    server.stop()
+
+
+def send_load(world, base_url: str, n: int, seconds: float) -> list[float]:
+    """n /rank requests spread over `seconds` (bounded in count and time), with unknown users and items mixed in."""
+    rng = random.Random(0)
+    latencies = []
+    deadline = time.time() + seconds * 3
+    with httpx.Client(base_url=base_url, timeout=10) as client:
+        for k in range(n):
+            if time.time() > deadline:
+                break
+            user = world.users[k % len(world.users)] if k % 7 else f"new-user-{k}"
+            scenario = world.scenarios[k % len(world.scenarios)]
+            items = rng.sample(world.items, min(len(world.items), rng.choice([5, 20, 50])))
+            if k % 5 == 0:
+                items.append(f"unknown-item-{k}")
+            t0 = time.perf_counter()
+            r = client.post("/rank", json=rank_body(user, scenario, items))
+            latencies.append(time.perf_counter() - t0)
+            assert r.status_code == 200, r.text
+            time.sleep(seconds / n)
+        # one 4xx so the error-ratio series has a non-2xx status too
+        assert client.post("/rank", json=rank_body(world.users[0], "no-such-scenario", world.items[:2])).status_code
+    return latencies
+
+
+def scrape_sample_names(base_url: str) -> set[str]:
+    text = httpx.get(base_url + "/metrics", timeout=5).text
+    return {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_every_dashboard_and_alert_metric_is_exported(world, ranker):
+    send_load(world, ranker.url, n=20, seconds=0.5)
+    exported = scrape_sample_names(ranker.url)
+    wanted: dict[str, set[str]] = {}
+    for path in DASHBOARDS:
+        for expr in dashboard_exprs(path):
+            for name in metric_names(expr):
+                wanted.setdefault(name, set()).add(path.name)
+    for rule in alert_rules():
+        for name in metric_names(rule["expr"]):
+            wanted.setdefault(name, set()).add(ALERTS.name)
+    wanted.pop("up", None)  # Prometheus's own series for every scrape target
+    assert len(wanted) >= 8, sorted(wanted)
+    missing = {name: sorted(where) for name, where in wanted.items() if name not in exported}
+    assert not missing, f"queried but not exported by the ranker: {missing}"
+    # the knowledge age the stale alert reads is the manifest's creation time of the served version
+    text = httpx.get(ranker.url + "/metrics", timeout=5).text
+    created = next(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "llm4msr_knowledge_created_timestamp_seconds"
+    )
+    assert created == pytest.approx(1704067200.0)  # 2024-01-01T00:00:00Z in the test snapshot
+
+
+def _prometheus_config(tmp: Path, target: str) -> Path:
+    """The project's prometheus.yml with the ranker job pointed at the test ranker and a 1 s scrape."""
+    cfg = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    cfg["global"]["scrape_interval"] = "1s"
+    cfg["global"]["evaluation_interval"] = "1s"
+    for group in cfg["scrape_configs"]:
+        if group["job_name"] == "llm4msr-ranker":
+            group.pop("dns_sd_configs")
+            group["static_configs"] = [{"targets": [target]}]
+            group["scrape_interval"] = "1s"
+    cfg["scrape_configs"] = [g for g in cfg["scrape_configs"] if g["job_name"] == "llm4msr-ranker"]
+    rules = yaml.safe_load(ALERTS.read_text())
+    for group in rules["groups"]:
+        group["interval"] = "1s"
+    (tmp / "alerts.yml").write_text(yaml.safe_dump(rules))
+    path = tmp / "prometheus.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _query(base: str, expr: str) -> list[dict]:
+    r = httpx.get(base + "/api/v1/query", params={"query": expr}, timeout=10)
+    body = r.json()
+    assert r.status_code == 200 and body["status"] == "success", f"{expr}: {body}"
+    return body["data"]["result"]
+
+
+@pytest.mark.skipif(prometheus_exe() is None, reason="prometheus not installed (Debian package; .ci/run installs it)")
+def test_prometheus_scrapes_ranker_and_dashboard_p99_is_a_number(world, ranker, tmp_path):
+    config = _prometheus_config(tmp_path, f"127.0.0.1:{ranker.port}")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    prom = Proc(
+        [
+            prometheus_exe(),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--storage.tsdb.retention.time=1h",
+        ],
+        tmp_path / "prometheus.log",
+        cwd=tmp_path,
+    )
+    try:
+        try:
+            wait_http(base + "/-/ready", 30)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{prom.log()}") from None
+        # the ranker is a healthy target before the load starts
+        deadline = time.time() + 20
+        while time.time() < deadline and not _query(base, 'up{job="llm4msr-ranker"} == 1'):
+            time.sleep(0.5)
+        assert _query(base, 'up{job="llm4msr-ranker"} == 1'), prom.log()
+
+        latencies = send_load(world, ranker.url, n=150, seconds=4.0)
+        time.sleep(2.5)  # two more scrapes after the last request
+
+        dash = (PROMETHEUS_DIR.parent / "grafana/dashboards/llm4msr-ranker.json").read_text()
+        panel = next(p for p in json.loads(dash)["panels"] if p.get("title") == P99_TITLE)
+        p99_expr = next(t["expr"] for t in panel["targets"] if t["legendFormat"] == "p99")
+        result = _query(base, grafana_to_promql(p99_expr))
+        assert len(result) == 1, result
+        p99 = float(result[0]["value"][1])
+        assert math.isfinite(p99) and 0 < p99 <= 1.0, p99
+        # the server-side p99 cannot exceed what the client saw by more than a bucket's width
+        client_max = max(latencies)
+        assert p99 <= max(2 * client_max, 0.01), (p99, client_max)
+
+        # every dashboard query is valid PromQL for this Prometheus, and the core ones have data
+        for path in DASHBOARDS:
+            for expr in dashboard_exprs(path):
+                if expr.startswith("label_values("):
+                    name = expr[len("label_values(") :].split(",")[0].strip()
+                    assert _query(base, name), f"{name} has no series"
+                    continue
+                _query(base, grafana_to_promql(expr))
+        rps = _query(base, 'sum(rate(llm4msr_requests_total{route="/rank"}[1m]))')
+        assert float(rps[0]["value"][1]) > 0
+        versions = _query(base, "count by (model_version, knowledge_version) (llm4msr_versions_info)")
+        assert versions and versions[0]["metric"]["knowledge_version"] == "v1"
+
+        # the project's rules load and evaluate without errors; the p99 recording rule has a value
+        deadline = time.time() + 10
+        while time.time() < deadline and not _query(base, "llm4msr:rank_latency_seconds:p99_5m"):
+            time.sleep(0.5)
+        recorded = _query(base, "llm4msr:rank_latency_seconds:p99_5m")
+        assert recorded and math.isfinite(float(recorded[0]["value"][1]))
+        rules = httpx.get(base + "/api/v1/rules", timeout=10).json()["data"]["groups"]
+        loaded = [r for g in rules for r in g["rules"]]
+        assert len(loaded) == len(alert_rules())
+        bad = [(r["name"], r.get("lastError")) for r in loaded if r.get("health") == "err"]
+        assert not bad, bad
+        # the stale-knowledge alert fires: the test snapshot was created on 2024-01-01
+        stale = next(r for r in loaded if r["name"] == "Llm4msrKnowledgeStale")
+        assert stale["state"] in {"pending", "firing"}, stale
+    finally:
+        prom.stop()
