@@ -166,6 +166,9 @@ def start_server(
     raise RuntimeError(f"server not ready in {timeout} s:\n{server.log()}")
 
 
+VARIANT_LEVELS = {"plain": [], "llm4msr": ["scenario", "user"], "llm4msr-item": ["scenario", "user", "item"]}
+
+
 @dataclass
 class ServingWorld:
     """A synthetic dataset, its split, a knowledge snapshot built on that split, and trained artifacts."""
@@ -184,23 +187,30 @@ class ServingWorld:
 
 
 def build_world(
-    root: Path, users: int = 60, variants: Sequence[str] = ("llm4msr", "plain"), dim: int = 8, epochs: int = 1
+    root: Path,
+    users: int = 60,
+    variants: Sequence[str] = ("llm4msr-item", "plain"),
+    dim: int = 8,
+    epochs: int = 1,
+    items_per_scenario: int = 40,
 ) -> ServingWorld:
     """Trains tiny real artifacts (seconds on CPU) on seeded knowledge vectors of a real snapshot.
 
-    `llm4msr` uses all three knowledge levels (scenario, user, item) so that every lookup path is exercised.
+    Variants: `plain` (STAR backbone alone), `llm4msr` (the paper's scenario + user levels) and `llm4msr-item`
+    (scenario, user and item levels, so that every lookup path of the ranker is exercised).
     """
-    from offline.training.trainer import TrainConfig, train
-    from shared.artifact import save_artifact
     from shared.dataset.folder import read_dataset, write_dataset
     from shared.dataset.split import make_split
     from shared.dataset.synth import SynthConfig, generate
-    from shared.knowledge.snapshot import KnowledgeSnapshot
+    from tests.fixtures_models import train_tiny_artifact
 
     root = Path(root)
     data_dir = root / "data"
     write_dataset(
-        generate(SynthConfig(users=users, items_per_scenario=40, main_impressions=20, side_impressions=5)), data_dir
+        generate(
+            SynthConfig(users=users, items_per_scenario=items_per_scenario, main_impressions=20, side_impressions=5)
+        ),
+        data_dir,
     )
     dataset = read_dataset(data_dir)
     split = make_split(dataset)
@@ -212,21 +222,23 @@ def build_world(
     vdir = write_snapshot(
         kn_root, "v1", scen, train_users, items[:-1], make_space(dim), seed=11, split_fingerprint=split.fingerprint()
     )
-    snap = KnowledgeSnapshot(vdir)
     artifacts = {}
     for name in variants:
-        cfg = TrainConfig(
-            backbone="star",
-            llm4msr=(name != "plain"),
-            levels=["scenario", "user", "item"],
+        artifacts[name] = train_tiny_artifact(
+            data_dir,
+            vdir if name != "plain" else None,
+            root / f"artifact-{name}",
+            levels=tuple(VARIANT_LEVELS[name]),
+            llm4msr=name != "plain",
             epochs=epochs,
             batch_size=512,
-            threads=1,
-            progress=False,
             seed=0,
         )
-        result = train(dataset, split, snap if name != "plain" else None, cfg)
-        artifacts[name] = save_artifact(
-            root / f"artifact-{name}", result.model, result.encoder, result.artifact_fields(split)
-        )
     return ServingWorld(data_dir, split, kn_root, artifacts, train_users, items, scen)
+
+
+def rank_body(user_id: str, scenario: str, items: Sequence[str], top_k: int | None = None) -> dict:
+    body = {"user_id": user_id, "scenario": scenario, "candidates": [{"item_id": i} for i in items]}
+    if top_k is not None:
+        body["top_k"] = top_k
+    return body

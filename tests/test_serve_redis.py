@@ -1,0 +1,197 @@
+"""The ranking service over real HTTP with knowledge in a real Redis: version flips and Redis outages during a
+steady stream of requests, and refusal of knowledge from another space."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.fixtures_serving import REPO, build_world, make_space, publish, rank_body, start_server, write_snapshot
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("serving-redis"), variants=("llm4msr-item",))
+
+
+class Stream:
+    """A steady stream of /rank requests from a background thread, recording every answer."""
+
+    def __init__(self, url: str, body_for):
+        self.url = url
+        self.body_for = body_for
+        self.records: list[tuple[float, int, dict | None]] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        i = 0
+        with httpx.Client(base_url=self.url, timeout=5) as c:
+            deadline = time.time() + 60  # bounded even if the test forgets to stop it
+            while not self._stop.is_set() and time.time() < deadline:
+                try:
+                    r = c.post("/rank", json=self.body_for(i))
+                    self.records.append((time.time(), r.status_code, r.json() if r.status_code == 200 else None))
+                except httpx.HTTPError as exc:  # a transport failure counts as a failed request
+                    self.errors.append(repr(exc))
+                i += 1
+                time.sleep(0.005)
+
+    def __enter__(self) -> Stream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def wait_until(cond, timeout: float = 10.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_version_flip_during_stream(world, redis_server, tmp_path):
+    publish(world.snapshot_dir, redis_server.url)
+    srv = start_server(
+        ["--artifact", str(world.artifacts["llm4msr-item"]), "--redis-url", redis_server.url],
+        tmp_path / "server.log",
+        env={"LLM4MSR_POLL_INTERVAL_S": "0.2"},
+    )
+    try:
+        items = world.items[:40]
+        body = rank_body(world.users[2], world.scenarios[0], items, top_k=40)
+        with Stream(srv.url, lambda i: body) as stream:
+            assert wait_until(lambda: len(stream.records) >= 20)
+            v2 = write_snapshot(
+                world.knowledge_root,
+                "v2",
+                world.scenarios,
+                world.users,
+                world.items,
+                make_space(),
+                seed=99,
+                split_fingerprint=world.split.fingerprint(),
+            )
+            publish(v2, redis_server.url)
+            assert wait_until(lambda: stream.records and stream.records[-1][2]["knowledge_version"] == "v2")
+            n_at_flip = len(stream.records)
+            assert wait_until(lambda: len(stream.records) >= n_at_flip + 20)
+        assert stream.errors == []
+        assert {code for _, code, _ in stream.records} == {200}
+        versions = [rec["knowledge_version"] for _, _, rec in stream.records]
+        first_v2 = versions.index("v2")
+        assert versions[0] == "v1" and first_v2 > 0 and set(versions[first_v2:]) == {"v2"}
+        # The new knowledge really is used: the same request scores differently.
+        before = {it["item_id"]: it["score"] for it in stream.records[0][2]["items"]}
+        after = {it["item_id"]: it["score"] for it in stream.records[-1][2]["items"]}
+        assert any(abs(before[i] - after[i]) > 1e-6 for i in items)
+        metrics = httpx.get(f"{srv.url}/metrics").text
+        assert 'knowledge_version="v2"' in metrics and "llm4msr_knowledge_swaps_total 2.0" in metrics
+        # Without an admin token the admin routes are off.
+        assert httpx.post(f"{srv.url}/admin/reload").status_code == 403
+    finally:
+        srv.stop()
+
+
+def test_redis_outage_during_stream(world, redis_server, tmp_path):
+    publish(world.snapshot_dir, redis_server.url)
+    srv = start_server(
+        ["--artifact", str(world.artifacts["llm4msr-item"]), "--redis-url", redis_server.url],
+        tmp_path / "server.log",
+        # No user cache: every request needs Redis, so the outage shows in every answer.
+        env={"LLM4MSR_POLL_INTERVAL_S": "0.2", "LLM4MSR_USER_CACHE_SIZE": "0", "LLM4MSR_REDIS_RETRY_S": "0.2"},
+    )
+    users = world.users
+
+    def user_flags(rec: dict) -> set[str]:
+        return {f["reason"] for f in rec["fallbacks"] if f["level"] == "user"}
+
+    try:
+        with Stream(srv.url, lambda i: rank_body(users[i % len(users)], world.scenarios[1], world.items[:100])) as s:
+            assert wait_until(lambda: len(s.records) >= 10)
+            redis_server.stop()
+            t_down = time.time()
+            assert wait_until(
+                lambda: any("redis_unavailable" in user_flags(r) for t, _, r in s.records if r and t > t_down)
+            )
+            time.sleep(1.0)
+            redis_server.start()  # comes back empty (no persistence): the publisher runs again
+            publish(world.snapshot_dir, redis_server.url)
+            t_up = time.time()
+            assert wait_until(
+                lambda: sum(1 for t, _, r in s.records if r and t > t_up + 0.5 and not user_flags(r)) >= 20, timeout=15
+            )
+        assert s.errors == []
+        codes = {code for _, code, _ in s.records}
+        assert codes == {200}, codes
+        during = [r for t, _, r in s.records if t_down + 0.3 < t < t_up]
+        assert during and all("redis_unavailable" in user_flags(r) for r in during)
+        metrics = httpx.get(f"{srv.url}/metrics").text
+        line = next(
+            x
+            for x in metrics.splitlines()
+            if x.startswith('llm4msr_knowledge_fallback_total{level="user",reason="redis_unavailable"}')
+        )
+        assert float(line.split()[-1]) >= len(during)
+        assert "llm4msr_redis_up 1.0" in metrics
+        assert httpx.get(f"{srv.url}/readyz").status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_artifact_of_other_space_is_refused(world, redis_server, tmp_path):
+    other = write_snapshot(
+        tmp_path / "kn", "v1", world.scenarios, world.users, world.items, make_space(model="another-llm"), seed=1
+    )
+    publish(other, redis_server.url)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llm4msr_cli",
+            "serve",
+            "--artifact",
+            str(world.artifacts["llm4msr-item"]),
+            "--redis-url",
+            redis_server.url,
+            "--port",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "knowledge space" in proc.stderr and "retrain" in proc.stderr
+    # Same with the snapshot instead of Redis.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llm4msr_cli",
+            "serve",
+            "--artifact",
+            str(world.artifacts["llm4msr-item"]),
+            "--knowledge",
+            str(other),
+            "--port",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "knowledge space" in proc.stderr
