@@ -557,6 +557,7 @@ def run_build(
                 KnowledgeTable([DEFAULT_USER_ID], default, ["mean-of-users"], [""]),
             )
 
+    _write_prompts(vdir, levels)
     seconds = time.perf_counter() - t0
     manifest = Manifest(
         version=version,
@@ -586,6 +587,21 @@ def run_build(
     shutil.rmtree(work_dir, ignore_errors=True)
     _prune_unfinished(root, keep=vdir)
     return BuildResult(vdir, manifest, seconds)
+
+
+def _write_prompts(vdir: Path, levels: dict[str, LevelWork]) -> None:
+    """The exact prompts beside the vectors (for `knowledge show` and audits); not part of the contract."""
+    from offline.knowledge.show import PROMPTS_FILE
+
+    lv, ids, texts = [], [], []
+    for level, work in levels.items():
+        lv += [level] * len(work.ids)
+        ids += work.ids
+        texts += work.texts
+    table = pa.table({"level": lv, "id": ids, "prompt": texts})
+    tmp = vdir / (PROMPTS_FILE + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, vdir / PROMPTS_FILE)
 
 
 def _prune_unfinished(root: Path, keep: Path) -> None:

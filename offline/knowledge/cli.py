@@ -52,7 +52,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--user")
     g.add_argument("--scenario")
     g.add_argument("--item")
-    s.add_argument("--data", default=None, help="dataset folder, to print the prompt (default: from manifest)")
     s.set_defaults(handler=_show)
 
 
@@ -119,5 +118,5 @@ def _show(args: argparse.Namespace) -> int:
     level, id_ = (
         ("users", args.user) if args.user else ("scenarios", args.scenario) if args.scenario else ("items", args.item)
     )
-    print(show(args.snapshot, level, id_, data=args.data))
+    print(show(args.snapshot, level, id_))
     return 0

