@@ -59,7 +59,10 @@ def main() -> int:
         runs = []
         for _ in range(args.repeats):
             out = subprocess.run(
-                [sys.executable, __file__, "--child", str(data / name), kind], capture_output=True, text=True, check=True
+                [sys.executable, __file__, "--child", str(data / name), kind],
+                capture_output=True,
+                text=True,
+                check=True,
             )
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         results[name] = {
