@@ -78,7 +78,7 @@ class RequestScorer:
             return None
         if value is None:
             raise UserFacingError(f"model {self.artifact.config.model_version} needs {level}-level knowledge")
-        arr = np.asarray(value, dtype=np.float32)
+        arr = np.ascontiguousarray(value, dtype=np.float32)  # callers may pass views (slices, reversed rows)
         expected = (self.dim,) if rows is None else (rows, self.dim)
         if arr.shape != expected:
             raise UserFacingError(f"{level} knowledge has shape {arr.shape}, expected {expected}")

@@ -167,18 +167,7 @@ def latent_snapshot(
 def tiny_train_config(**overrides):
     from offline.training.trainer import TrainConfig
 
-    base = dict(
-        epochs=4,
-        patience=1,
-        batch_size=256,
-        lr=3e-3,
-        threads=1,
-        progress=False,
-        embed_dim=8,
-        proj_dim=16,
-        meta_dim=32,
-        rank=8,
-    )
+    base = dict(epochs=4, patience=1, batch_size=256, lr=3e-3, threads=1, progress=False, embed_dim=8)
     base.update(overrides)
     return TrainConfig(**base)
 

@@ -22,9 +22,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--embed-dim", type=int, default=16)
+    g.add_argument("--reduce-dim", type=int, default=64, help="LLM4MSR: frozen PCA size of the LLM vectors")
     g.add_argument("--proj-dim", type=int, default=32, help="LLM4MSR: projected knowledge size")
-    g.add_argument("--meta-dim", type=int, default=64, help="LLM4MSR: meta layer width")
-    g.add_argument("--rank", type=int, default=16, help="LLM4MSR: rank of the generated weights")
+    g.add_argument("--meta-dim", type=int, default=32, help="LLM4MSR: meta layer width")
+    g.add_argument("--rank", type=int, default=8, help="LLM4MSR: rank of the generated weights")
+    g.add_argument("--hyper-hidden", type=int, default=32, help="LLM4MSR: hypernetwork hidden size")
     g.add_argument("--threads", type=int, default=2, help="torch threads (this machine has 2 cores)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -97,9 +99,11 @@ def _train_config(args: argparse.Namespace, **overrides):
         levels=getattr(args, "levels", ["scenario", "user"]),
         placement=getattr(args, "placement", "both"),
         embed_dim=args.embed_dim,
+        reduce_dim=args.reduce_dim,
         proj_dim=args.proj_dim,
         meta_dim=args.meta_dim,
         rank=args.rank,
+        hyper_hidden=args.hyper_hidden,
         lr=args.lr,
         weight_decay=args.weight_decay,
         batch_size=args.batch_size,

@@ -39,9 +39,11 @@ class TrainConfig:
     levels: list[str] = field(default_factory=lambda: ["scenario", "user"])
     placement: str = "both"
     embed_dim: int = 16
+    reduce_dim: int = 64
     proj_dim: int = 32
-    meta_dim: int = 64
-    rank: int = 16
+    meta_dim: int = 32
+    rank: int = 8
+    hyper_hidden: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 2048
@@ -80,7 +82,7 @@ class KnowledgeTables:
         self.dim = snapshot.space.dim
         self.levels = levels
         self.tables: dict[str, torch.Tensor] = {}
-        self.norm: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.reduced = False
         self._users = snapshot.users() if ("user" in levels or "scenario" in levels) else None
         if "scenario" in levels:
             vec, found = snapshot.scenarios().lookup(scenarios)
@@ -95,14 +97,20 @@ class KnowledgeTables:
             items = snapshot.items()
             nan = np.full((1, items.dim), np.nan, dtype=np.float32)
             self.tables["item"] = torch.from_numpy(np.vstack([items.embeddings, nan]))
-        # Standardization: scenario and user prompts share one distribution (user table statistics, the larger
-        # sample); item vectors (encoded titles) get their own.
-        for level in levels:
-            source = snapshot.items().embeddings if level == "item" else self._users.embeddings
-            mean = source.astype(np.float64).mean(0)
-            std = source.astype(np.float64).std(0)
-            scale = 1.0 / np.maximum(std, 1e-6)
-            self.norm[level] = (torch.tensor(mean, dtype=torch.float32), torch.tensor(scale, dtype=torch.float32))
+        # Reduction samples: scenario and user prompts share one distribution (fitted on the user table, the
+        # larger sample); item vectors (encoded titles) get their own.
+        self.samples = {
+            lv: torch.tensor(snapshot.items().embeddings if lv == "item" else self._users.embeddings) for lv in levels
+        }
+
+    def fit_and_reduce(self, model: CTRModel) -> None:
+        """Fits the model's frozen reduction on the snapshot, then replaces the tables by their reduced form, so
+        that training gathers small vectors (the same function the serving path applies per request)."""
+        for level, sample in self.samples.items():
+            model.wrapper.fit_reduction(level, sample)
+        with torch.no_grad():
+            self.tables = {lv: model.wrapper.reduce(lv, t).contiguous() for lv, t in self.tables.items()}
+        self.reduced = True
 
     def rows(self, level: str, ids: pd.Series) -> np.ndarray:
         if level not in self.tables:
@@ -132,12 +140,17 @@ def batch_knowledge(tables: KnowledgeTables | None, data: Arrays, idx: torch.Ten
         return {}
     out = {}
     if "scenario" in tables.tables:
-        out["scenario"] = tables.tables["scenario"][data.scenario[idx]]
+        # Reduced tables: the wrapper takes all S scenario vectors and gathers per row itself.
+        out["scenario"] = tables.tables["scenario"] if tables.reduced else tables.tables["scenario"][data.scenario[idx]]
     if "user" in tables.tables:
         out["user"] = tables.tables["user"][data.user_row[idx]]
     if "item" in tables.tables:
         out["item"] = tables.tables["item"][data.item_row[idx]]
     return out
+
+
+def _reduced(tables: KnowledgeTables | None) -> bool:
+    return tables is not None and tables.reduced
 
 
 def seed_everything(seed: int) -> None:
@@ -152,7 +165,7 @@ def predict(model: CTRModel, tables: KnowledgeTables | None, data: Arrays, batch
     out = np.zeros(len(data), dtype=np.float32)
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)))
-        logits = model(data.fields[idx], data.scenario[idx], batch_knowledge(tables, data, idx))
+        logits = model(data.fields[idx], data.scenario[idx], batch_knowledge(tables, data, idx), _reduced(tables))
         out[start : start + len(idx)] = torch.sigmoid(logits).numpy()
     return out
 
@@ -213,9 +226,11 @@ def build_model(cfg: TrainConfig, encoder: FeatureEncoder, knowledge_dim: int) -
             placement=cfg.placement,
             knowledge_source=cfg.knowledge_source,
             knowledge_dim=knowledge_dim,
+            reduce_dim=cfg.reduce_dim,
             proj_dim=cfg.proj_dim,
             meta_dim=cfg.meta_dim,
             rank=cfg.rank,
+            hyper_hidden=cfg.hyper_hidden,
         )
     return CTRModel(
         ModelConfig(
@@ -246,8 +261,7 @@ def train(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, cf
         tables = KnowledgeTables(snapshot, encoder.scenarios, list(LLM4MSRConfig(levels=cfg.levels).levels))
     model = build_model(cfg, encoder, tables.dim if tables else 0)
     if tables is not None:
-        for level, (mean, scale) in tables.norm.items():
-            model.wrapper.set_normalization(level, mean, scale)
+        tables.fit_and_reduce(model)
     data = {name: encode_split(frame, encoder, tables) for name, frame in split.frames().items()}
     if len(data["train"]) == 0 or len(data["valid"]) == 0:
         raise UserFacingError("training needs non-empty train and validation splits")
@@ -274,7 +288,8 @@ def train(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, cf
         )
         for start in range(0, n, cfg.batch_size):
             idx = perm[start : start + cfg.batch_size]
-            logits = model(train_data.fields[idx], train_data.scenario[idx], batch_knowledge(tables, train_data, idx))
+            kn = batch_knowledge(tables, train_data, idx)
+            logits = model(train_data.fields[idx], train_data.scenario[idx], kn, _reduced(tables))
             loss = loss_fn(logits, train_data.label[idx])
             optim.zero_grad(set_to_none=True)
             loss.backward()

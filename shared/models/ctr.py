@@ -53,6 +53,7 @@ class CTRModel(nn.Module):
         fields: torch.Tensor,
         scenario: torch.Tensor,
         knowledge: dict[str, torch.Tensor | None] | None = None,
+        reduced: bool = False,
     ) -> torch.Tensor:
         """fields [B, F] vocabulary indices, scenario [B] in 0..S-1, knowledge {level: [B or 1, d]} -> logits [B]."""
         x = self.embedding(fields + self.offsets).flatten(1)
@@ -63,6 +64,6 @@ class CTRModel(nn.Module):
                 "user": fields[:, self.pos[USER]],
                 "item": fields[:, self.pos[ITEM]],
             }
-            x, z = self.wrapper(x, index, knowledge or {})
+            x, z = self.wrapper(x, index, knowledge or {}, reduced)
         logit = self.backbone(x, scenario)
         return logit + z if z is not None else logit

@@ -32,10 +32,13 @@ class LLM4MSRConfig(BaseModel):
     knowledge_source: Literal["llm", "id", "random"] = "llm"
     # Dimension of the raw knowledge vectors (the knowledge space's dim) for the llm source.
     knowledge_dim: int = 0
+    # LLM vectors are standardized and reduced by a frozen PCA fitted on the snapshot (buffers) to this size
+    # before the learned projection: cheaper per row, and robust to the outlier dimensions of LLM hidden states.
+    reduce_dim: int = 64
     proj_dim: int = 32
-    meta_dim: int = 64
-    rank: int = 16
-    hyper_hidden: int = 64
+    meta_dim: int = 32
+    rank: int = 8
+    hyper_hidden: int = 32
 
     @field_validator("levels")
     @classmethod
@@ -87,18 +90,18 @@ class LLM4MSR(nn.Module):
     def __init__(self, config: LLM4MSRConfig, x_dim: int, n_scenarios: int, n_users: int, n_items: int):
         super().__init__()
         self.config = config
+        self.n_scenarios = n_scenarios
         c = config
         sizes = {"scenario": n_scenarios, "user": n_users, "item": n_items}
-        raw_dim = c.knowledge_dim if c.knowledge_source == "llm" else c.proj_dim
-        if c.knowledge_source == "llm" and raw_dim <= 0:
+        if c.knowledge_source == "llm" and c.knowledge_dim <= 0:
             raise UserFacingError("the llm knowledge source needs knowledge_dim (the snapshot's vector size)")
-        self.proj = nn.ModuleDict({lv: nn.Linear(raw_dim, c.proj_dim) for lv in c.levels})
+        self.reduced_dim = min(c.reduce_dim, c.knowledge_dim) if c.knowledge_source == "llm" else c.proj_dim
+        self.proj = nn.ModuleDict({lv: nn.Linear(self.reduced_dim, c.proj_dim) for lv in c.levels})
         if c.knowledge_source == "llm":
-            # Per-level standardization of the raw LLM vectors (fitted on the snapshot, frozen): hidden states of
-            # small LLMs have a few huge outlier dimensions that would otherwise dominate the projection.
+            # Frozen per-level reduction (x - mean) @ basis, fitted on the snapshot by fit_reduction().
             for lv in c.levels:
-                self.register_buffer(f"mean_{lv}", torch.zeros(raw_dim))
-                self.register_buffer(f"scale_{lv}", torch.ones(raw_dim))
+                self.register_buffer(f"mean_{lv}", torch.zeros(c.knowledge_dim))
+                self.register_buffer(f"basis_{lv}", torch.eye(c.knowledge_dim, self.reduced_dim))
         elif c.knowledge_source == "id":
             self.id_emb = nn.ModuleDict({lv: nn.Embedding(sizes[lv], c.proj_dim) for lv in c.levels})
             for emb in self.id_emb.values():
@@ -129,11 +132,27 @@ class LLM4MSR(nn.Module):
     def needs_levels(self) -> frozenset[str]:
         return frozenset(self.config.levels) if self.config.knowledge_source == "llm" else frozenset()
 
-    def set_normalization(self, level: str, mean: torch.Tensor, scale: torch.Tensor) -> None:
-        getattr(self, f"mean_{level}").copy_(mean)
-        getattr(self, f"scale_{level}").copy_(scale)
+    @torch.no_grad()
+    def fit_reduction(self, level: str, sample: torch.Tensor) -> None:
+        """Standardize per dimension, then PCA to reduced_dim, scaled so components have unit variance on
+        average (not whitened: noise directions are not amplified). sample = the snapshot's vectors."""
+        x = sample.double()
+        mean = x.mean(0)
+        scale = 1.0 / x.std(0).clamp_min(1e-6)
+        z = (x - mean) * scale
+        cov = z.T @ z / max(1, len(z) - 1)
+        evals, evecs = torch.linalg.eigh(cov)
+        top = torch.argsort(evals, descending=True)[: self.reduced_dim]
+        basis = scale[:, None] * evecs[:, top] / evals[top].clamp_min(1e-12).mean().sqrt()
+        getattr(self, f"mean_{level}").copy_(mean.float())
+        getattr(self, f"basis_{level}").copy_(basis.float())
 
-    def _knowledge(self, level: str, raw: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+    def reduce(self, level: str, raw: torch.Tensor) -> torch.Tensor:
+        """Raw LLM vectors [n, d] -> [n, reduced_dim]; a NaN row (missing vector) becomes the level's mean."""
+        centred = torch.nan_to_num(raw - getattr(self, f"mean_{level}"), nan=0.0)
+        return centred @ getattr(self, f"basis_{level}")
+
+    def _knowledge(self, level: str, raw: torch.Tensor | None, index: torch.Tensor, reduced: bool) -> torch.Tensor:
         """Projected knowledge k for a level: [G, proj_dim]. index = the entity's vocabulary index [B]."""
         src = self.config.knowledge_source
         if src == "id":
@@ -143,8 +162,7 @@ class LLM4MSR(nn.Module):
         else:
             if raw is None:
                 raise UserFacingError(f"this model needs {level}-level knowledge vectors")
-            vec = (raw - getattr(self, f"mean_{level}")) * getattr(self, f"scale_{level}")
-            vec = torch.nan_to_num(vec, nan=0.0)  # a missing vector (NaN row) = the level's average
+            vec = raw if reduced else self.reduce(level, raw)
         return self.proj[level](vec)
 
     def forward(
@@ -152,12 +170,27 @@ class LLM4MSR(nn.Module):
         x: torch.Tensor,
         index: dict[str, torch.Tensor],
         raw: dict[str, torch.Tensor | None],
+        reduced: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, D] -> (backbone input [B, D'], parallel logit [B] or None).
 
-        raw[level] is [B, d] or [1, d] (one request: computed once and broadcast); index[level] is [B] or [1].
+        raw[level] is [B, d] or [1, d] (one request: computed once and broadcast); index[level] is [B]. In
+        training (reduced=True) the vectors come already reduced, and raw["scenario"] may be the [S, r] table of
+        all scenarios: the scenario level is then computed once per scenario and gathered.
         """
-        k = {lv: self._knowledge(lv, raw.get(lv), index[lv]) for lv in self.config.levels}
+        src = self.config.knowledge_source
+        # The scenario level depends on the scenario only: compute it on the S scenarios and gather, unless this
+        # is one request (its [1, d] scenario vector is computed once and broadcast anyway).
+        per_scenario = "scenario" in self.config.levels and (src != "llm" or reduced)
+        k: dict[str, torch.Tensor] = {}
+        k_table = None
+        for lv in self.config.levels:
+            if lv == "scenario" and per_scenario:
+                all_scenarios = torch.arange(self.n_scenarios, device=x.device)
+                k_table = self._knowledge(lv, raw.get(lv), all_scenarios, reduced)  # [S, p]
+                k[lv] = k_table[index["scenario"]]
+            else:
+                k[lv] = self._knowledge(lv, raw.get(lv), index[lv], reduced)
         if self.config.uses_item:
             x = torch.cat([x, k["item"].expand(x.shape[0], -1)], dim=-1)
         h = x
@@ -166,8 +199,12 @@ class LLM4MSR(nn.Module):
         cond: list[torch.Tensor] = []
         for layer, lv in zip(self.meta, self.config.meta_levels):
             cond.append(k[lv])
-            width = max(c.shape[0] for c in cond)
-            gains, bias = layer.generate(torch.cat([c.expand(width, -1) for c in cond], dim=-1))
+            if lv == "scenario" and k_table is not None:
+                gains, bias = layer.generate(k_table)
+                gains, bias = gains[index["scenario"]], bias[index["scenario"]]
+            else:
+                width = max(c.shape[0] for c in cond)
+                gains, bias = layer.generate(torch.cat([c.expand(width, -1) for c in cond], dim=-1))
             h = layer.apply(h, gains, bias)
         x_out = x + self.bottom(h) if self.bottom is not None else x
         z = self.parallel(h).squeeze(-1) if self.parallel is not None else None

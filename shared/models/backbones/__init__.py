@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 from shared.errors import UserFacingError
 from shared.models.backbones.base import Backbone, BackboneConfig
 from shared.models.backbones.mmoe import MMoE, MMoEConfig
@@ -42,4 +44,10 @@ def backbone_class(name: str) -> type[Backbone]:
 def build_backbone(name: str, params: dict, input_dim: int, n_scenarios: int) -> Backbone:
     """Validates params against the architecture's config class (unknown keys are refused)."""
     cls = backbone_class(name)
-    return cls(cls.config_class(**params), input_dim, n_scenarios)
+    try:
+        config = cls.config_class(**params)
+    except ValidationError as exc:
+        raise UserFacingError(
+            f"invalid {name} parameters: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
+        ) from None
+    return cls(config, input_dim, n_scenarios)

@@ -1,0 +1,199 @@
+"""Training and request-forward benchmark: each backbone plain vs. with the LLM4MSR wrapper.
+
+Measures (1) training samples/s over a fixed number of batches, (2) the time of one ranking request (one user, one
+scenario, N candidates, default 500) through RequestScorer.score, median over repetitions. Without --data it uses
+the synthetic generator scaled up and a random knowledge snapshot of SmolLM2's size (576): speed does not depend
+on the vectors' content.
+
+    python bench/train_bench.py [--data DIR --knowledge SNAPSHOT] [--threads 1] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from offline.training.trainer import (  # noqa: E402
+    KnowledgeTables,
+    TrainConfig,
+    batch_knowledge,
+    build_model,
+    encode_split,
+)
+from shared.artifact import Artifact, ArtifactConfig  # noqa: E402
+from shared.dataset.split import SplitConfig, make_split  # noqa: E402
+from shared.knowledge.snapshot import (  # noqa: E402
+    DEFAULT_USER_ID,
+    KnowledgeSnapshot,
+    KnowledgeSpace,
+    KnowledgeTable,
+    Manifest,
+    write_manifest,
+    write_table,
+)
+from shared.models.features import FeatureEncoder  # noqa: E402
+from shared.scoring import RequestKnowledge, RequestScorer  # noqa: E402
+
+VARIANTS = {"plain": None, "llm_su": ["scenario", "user"], "llm_sui": ["scenario", "user", "item"]}
+
+
+def random_snapshot(dataset, split, root: Path, dim: int) -> KnowledgeSnapshot:
+    rng = np.random.default_rng(0)
+
+    def table(ids):
+        ids = [str(i) for i in ids]
+        return KnowledgeTable(
+            ids, rng.normal(size=(len(ids), dim)).astype(np.float32), [""] * len(ids), [""] * len(ids)
+        )
+
+    vdir = root / "v1"
+    vdir.mkdir(parents=True)
+    write_table(vdir / "scenarios.parquet", table(dataset.scenario_names))
+    write_table(vdir / "users.parquet", table(dataset.interactions["user_id"].unique()))
+    write_table(vdir / "items.parquet", table(dataset.items["item_id"]))
+    write_table(vdir / "defaults.parquet", table([DEFAULT_USER_ID]))
+    space = KnowledgeSpace(model="random", template_sha256="", pooling="mean", mode="encode", raw_dim=dim, dim=dim)
+    write_manifest(
+        vdir,
+        Manifest("v1", "", space, split.dataset_fingerprint, split.fingerprint(), {}),
+    )
+    return KnowledgeSnapshot(vdir)
+
+
+def bench_one(backbone, levels, dataset, split, snapshot, encoder, args) -> dict:
+    cfg = TrainConfig(
+        backbone=backbone,
+        llm4msr=levels is not None,
+        levels=levels or ["scenario", "user"],
+        batch_size=args.batch_size,
+        threads=args.threads,
+        progress=False,
+    )
+    torch.manual_seed(0)
+    tables = KnowledgeTables(snapshot, encoder.scenarios, levels) if levels else None
+    model = build_model(cfg, encoder, snapshot.space.dim if levels else 0)
+    if tables is not None:
+        tables.fit_and_reduce(model)
+    data = encode_split(split.train, encoder, tables)
+    optim = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    model.train()
+    perm = torch.randperm(len(data))
+    steps = min(args.batches, len(data) // args.batch_size)
+    times = []
+    for step in range(steps + 3):
+        idx = perm[step * args.batch_size : (step + 1) * args.batch_size]
+        t0 = time.perf_counter()
+        loss = loss_fn(
+            model(data.fields[idx], data.scenario[idx], batch_knowledge(tables, data, idx), tables is not None),
+            data.label[idx],
+        )
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        if step >= 3:  # warm-up
+            times.append(time.perf_counter() - t0)
+    samples_per_s = args.batch_size * len(times) / sum(times)
+    # One request through the serving path.
+    model.eval()
+    art = Artifact(
+        config=ArtifactConfig.model_construct(knowledge_dim=snapshot.space.dim, model_version="bench"),
+        model=model,
+        encoder=encoder,
+    )
+    scorer = RequestScorer(art)
+    items = split.test["item_id"].unique()
+    rng = np.random.default_rng(0)
+    cand = [str(i) for i in rng.choice(items, size=args.candidates, replace=len(items) < args.candidates)]
+    user = str(split.test["user_id"].iloc[0])
+    scen = encoder.scenarios[0]
+    d = snapshot.space.dim
+    kn = RequestKnowledge(
+        scenario_vec=rng.normal(size=d).astype(np.float32),
+        user_vec=rng.normal(size=d).astype(np.float32),
+        item_vecs=rng.normal(size=(args.candidates, d)).astype(np.float32),
+    )
+    for _ in range(10):
+        scorer.score(scen, user, cand, kn)
+    req = []
+    for _ in range(args.requests):
+        t0 = time.perf_counter()
+        scorer.score(scen, user, cand, kn)
+        req.append(time.perf_counter() - t0)
+    return {
+        "samples_per_s": samples_per_s,
+        "request_ms_p50": 1000 * float(np.median(req)),
+        "request_ms_p95": 1000 * float(np.percentile(req, 95)),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", help="dataset folder (default: synthetic)")
+    p.add_argument("--knowledge", help="knowledge snapshot built on --data's default split")
+    p.add_argument("--backbones", default="shared_bottom,mmoe,ple,star")
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--candidates", type=int, default=500)
+    p.add_argument("--requests", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dim", type=int, default=576, help="knowledge dim of the random snapshot")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from shared.dataset.folder import read_dataset
+    from shared.dataset.synth import SynthConfig, generate
+
+    if args.data:
+        dataset = read_dataset(args.data)
+    else:
+        dataset = generate(SynthConfig(users=3000, items_per_scenario=2000, main_impressions=40, side_impressions=10))
+    split = make_split(dataset, SplitConfig())
+    tmp = tempfile.TemporaryDirectory()
+    snapshot = (
+        KnowledgeSnapshot(args.knowledge)
+        if args.knowledge
+        else random_snapshot(dataset, split, Path(tmp.name), args.dim)
+    )
+    encoder = FeatureEncoder.fit(dataset, split.train)
+    rows = []
+    for backbone in args.backbones.split(","):
+        base = None
+        for variant, levels in VARIANTS.items():
+            r = bench_one(backbone, levels, dataset, split, snapshot, encoder, args)
+            r.update(backbone=backbone, variant=variant)
+            if base is None:
+                base = r
+            r["train_time_ratio"] = base["samples_per_s"] / r["samples_per_s"]
+            r["request_time_ratio"] = r["request_ms_p50"] / base["request_ms_p50"]
+            rows.append(r)
+            print(
+                f"{backbone:<14} {variant:<8} {r['samples_per_s']:>10.0f} samples/s  x{r['train_time_ratio']:.2f} time"
+                f"   request({args.candidates}) p50 {r['request_ms_p50']:6.2f} ms  x{r['request_time_ratio']:.2f}",
+                flush=True,
+            )
+    meta = {
+        "dataset": dataset.name,
+        "train_rows": len(split.train),
+        "knowledge_dim": snapshot.space.dim,
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "candidates": args.candidates,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

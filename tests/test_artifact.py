@@ -1,0 +1,197 @@
+"""Artifact round trip, checksums, knowledge-space guard, and online/offline scoring parity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fixtures_models import latent_snapshot, latent_task, tiny_train_config, write_snapshot
+
+from offline.training.trainer import train
+from shared.artifact import check_knowledge_space, load_artifact, save_artifact
+from shared.dataset.split import SplitConfig, make_split
+from shared.errors import UserFacingError
+from shared.knowledge.snapshot import KnowledgeSnapshot
+from shared.metrics import summarize
+from shared.scoring import RequestKnowledge, RequestScorer, SnapshotLookup
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    dataset, u, v = latent_task(users=150, items=50, rows_per_user=20, seed=11)
+    split = make_split(dataset, SplitConfig())
+    root = tmp_path_factory.mktemp("art")
+    snap = KnowledgeSnapshot(latent_snapshot(dataset, split, u, v, root / "kn"))
+    return dataset, split, snap, root
+
+
+@pytest.fixture(scope="module")
+def trained(task):
+    """STAR + LLM4MSR with every level, saved and loaded back."""
+    dataset, split, snap, root = task
+    result = train(dataset, split, snap, tiny_train_config(levels=["scenario", "user", "item"], epochs=2))
+    path = save_artifact(root / "model", result.model, result.encoder, result.artifact_fields(split))
+    return result, path
+
+
+def _request_knowledge(snap, scenario, user, items):
+    lookup = SnapshotLookup(snap)
+    return RequestKnowledge(
+        scenario_vec=lookup.vectors("scenario", [scenario])[0],
+        user_vec=lookup.vectors("user", [user])[0],
+        item_vecs=lookup.vectors("item", items),
+    )
+
+
+def test_round_trip_gives_identical_scores(task, trained):
+    dataset, split, snap, _ = task
+    result, path = trained
+    artifact = load_artifact(path)
+    assert artifact.config.knowledge_space_id == snap.space.id
+    assert artifact.config.levels == ["scenario", "user", "item"]
+    assert artifact.config.model_version.startswith("star-llm-")
+    assert RequestScorer(artifact).needs_levels == {"scenario", "user", "item"}
+    probs = RequestScorer(artifact).score_rows(split.test, SnapshotLookup(snap))
+    # Training gathers pre-reduced vectors, serving reduces per request: equal up to float rounding.
+    assert summarize(split.test, probs)["overall"] == pytest.approx(result.metrics["test"]["overall"], rel=1e-5)
+    # No pickle: the folder holds JSON and safetensors only.
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "features.json", "model.safetensors"]
+
+
+def test_request_scores_match_offline_evaluation(task, trained):
+    _, split, snap, _ = task
+    artifact = load_artifact(trained[1])
+    scorer = RequestScorer(artifact)
+    offline = scorer.score_rows(split.test, SnapshotLookup(snap))
+    for (user, scenario), rows in list(split.test.groupby(["user_id", "scenario"]))[:15]:
+        items = rows["item_id"].tolist()
+        online = scorer.score(scenario, user, items, _request_knowledge(snap, scenario, user, items))
+        np.testing.assert_allclose(online, offline[rows.index.to_numpy()], atol=1e-5)
+    # A candidate scores the same alone, among 500 others, and with unknown items beside it.
+    user, scenario, item = split.test.iloc[0][["user_id", "scenario", "item_id"]]
+    many = [item] + [f"i{j % 50}" for j in range(499)] + ["never-seen-item"]
+    alone = scorer.score(scenario, user, [item], _request_knowledge(snap, scenario, user, [item]))
+    crowd = scorer.score(scenario, user, many, _request_knowledge(snap, scenario, user, many))
+    assert crowd.shape == (501,)
+    assert abs(float(alone[0]) - float(crowd[0])) < 1e-5
+    assert np.isfinite(crowd).all()
+
+
+def test_permuting_user_vectors_changes_scores(task, trained):
+    _, split, snap, _ = task
+    scorer = RequestScorer(load_artifact(trained[1]))
+    items = [f"i{j}" for j in range(50)]
+    kn = _request_knowledge(snap, "alpha", "u1", items)
+    base = scorer.score("alpha", "u1", items, kn)
+    other_user = SnapshotLookup(snap).vectors("user", ["u2"])[0]
+    swapped = scorer.score("alpha", "u1", items, RequestKnowledge(kn.scenario_vec, other_user, kn.item_vecs))
+    assert np.abs(base - swapped).max() > 1e-3
+    shuffled_items = scorer.score(
+        "alpha", "u1", items, RequestKnowledge(kn.scenario_vec, kn.user_vec, kn.item_vecs[::-1])
+    )
+    assert np.abs(base - shuffled_items).max() > 1e-3
+
+
+def test_missing_knowledge_and_bad_inputs_are_clear_errors(task, trained):
+    scorer = RequestScorer(load_artifact(trained[1]))
+    kn = _request_knowledge(task[2], "alpha", "u1", ["i1"])
+    with pytest.raises(UserFacingError, match="needs user-level knowledge"):
+        scorer.score("alpha", "u1", ["i1"], RequestKnowledge(kn.scenario_vec, None, kn.item_vecs))
+    with pytest.raises(UserFacingError, match="shape"):
+        scorer.score("alpha", "u1", ["i1"], RequestKnowledge(kn.scenario_vec, kn.user_vec[:3], kn.item_vecs))
+    with pytest.raises(UserFacingError, match="unknown scenario 'gamma'.*alpha, beta"):
+        scorer.score("gamma", "u1", ["i1"], kn)
+    # Unknown user: out-of-vocabulary index, still a probability.
+    p = scorer.score("alpha", "nobody", ["i1"], kn)
+    assert 0.0 < float(p[0]) < 1.0
+
+
+def test_tampered_artifact_is_refused(trained, tmp_path):
+    import shutil
+
+    for target in ("model.safetensors", "features.json", "config.json"):
+        copy = tmp_path / target
+        shutil.copytree(trained[1], copy)
+        file = copy / target
+        if target == "config.json":
+            cfg = json.loads(file.read_text())
+            cfg["metrics"]["test"]["overall"]["auc"] = 0.99
+            file.write_text(json.dumps(cfg))
+        else:
+            data = bytearray(file.read_bytes())
+            data[-5] ^= 0xFF
+            file.write_bytes(bytes(data))
+        with pytest.raises(UserFacingError, match="checksum mismatch"):
+            load_artifact(copy)
+    missing = tmp_path / "missing"
+    shutil.copytree(trained[1], missing)
+    (missing / "features.json").unlink()
+    with pytest.raises(UserFacingError, match="features.json is missing"):
+        load_artifact(missing)
+    with pytest.raises(UserFacingError, match="not a model artifact"):
+        load_artifact(tmp_path / "nowhere")
+
+
+def test_snapshot_of_another_knowledge_space_is_refused(task, trained, tmp_path):
+    dataset, split, snap, _ = task
+    artifact = load_artifact(trained[1])
+    t = snap.users()
+    other = KnowledgeSnapshot(
+        write_snapshot(
+            tmp_path / "other",
+            split,
+            dict(zip(snap.scenarios().ids, snap.scenarios().embeddings)),
+            dict(zip(t.ids, t.embeddings)),
+            dict(zip(snap.items().ids, snap.items().embeddings)),
+            model="another-llm",
+        )
+    )
+    assert other.space.id != snap.space.id
+    with pytest.raises(UserFacingError, match="knowledge space mismatch"):
+        check_knowledge_space(artifact.config, other.space.id)
+    with pytest.raises(UserFacingError, match="knowledge space mismatch"):
+        RequestScorer(artifact).score_rows(split.test, SnapshotLookup(other))
+
+
+def test_id_control_ignores_the_snapshot(task, tmp_path):
+    dataset, split, snap, _ = task
+    t = snap.users()
+    rng = np.random.default_rng(0)
+    scrambled = KnowledgeSnapshot(
+        write_snapshot(
+            tmp_path / "scrambled",
+            split,
+            dict(zip(snap.scenarios().ids, rng.normal(size=snap.scenarios().embeddings.shape))),
+            dict(zip(t.ids, t.embeddings[rng.permutation(len(t.ids))])),
+            dict(zip(snap.items().ids, rng.normal(size=snap.items().embeddings.shape))),
+        )
+    )
+    cfg = tiny_train_config(knowledge_source="id", levels=["scenario", "user", "item"], epochs=2)
+    a = train(dataset, split, snap, cfg)
+    b = train(dataset, split, scrambled, cfg)
+    c = train(dataset, split, None, cfg)
+    assert a.metrics == b.metrics == c.metrics
+    path = save_artifact(tmp_path / "id", a.model, a.encoder, a.artifact_fields(split))
+    artifact = load_artifact(path)
+    assert artifact.config.knowledge_space_id is None and artifact.config.knowledge_source == "id"
+    scorer = RequestScorer(artifact)
+    assert scorer.needs_levels == frozenset()
+    items = ["i1", "i2", "i3"]
+    plain = scorer.score("alpha", "u1", items, RequestKnowledge())
+    noisy = scorer.score("alpha", "u1", items, _request_knowledge(scrambled, "alpha", "u1", items))
+    np.testing.assert_array_equal(plain, noisy)
+
+
+def test_random_control_vectors_are_stored_in_the_artifact(task, tmp_path):
+    dataset, split, snap, _ = task
+    r = train(dataset, split, snap, tiny_train_config(knowledge_source="random", epochs=1))
+    path = save_artifact(tmp_path / "rnd", r.model, r.encoder, r.artifact_fields(split))
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "model.safetensors"))
+    assert "wrapper.random_user" in tensors
+    scorer = RequestScorer(load_artifact(path))
+    np.testing.assert_allclose(scorer.score_rows(split.test, None), scorer.score_rows(split.test, None))
+    overall = summarize(split.test, scorer.score_rows(split.test, None))["overall"]
+    assert overall == pytest.approx(r.metrics["test"]["overall"], rel=1e-6)

@@ -1,0 +1,138 @@
+"""Backbones and the LLM4MSR wrapper learn synthetic tasks whose answer is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fixtures_models import latent_snapshot, latent_task, tiny_train_config
+
+from offline.training.trainer import train
+from shared.dataset.split import SplitConfig, make_split
+from shared.errors import UserFacingError
+from shared.knowledge.snapshot import KnowledgeSnapshot
+from shared.metrics import auc, gauc, logloss
+from shared.models.backbones import BACKBONES, build_backbone
+from shared.models.ctr import CTRModel, ModelConfig
+from shared.models.llm4msr import LLM4MSRConfig
+
+BACKBONE_NAMES = sorted(BACKBONES)
+
+
+def test_metrics_known_values():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.random(500) < 0.3
+    s = rng.random(500) + y * 0.5
+    assert auc(y, s) == pytest.approx(roc_auc_score(y, s))
+    assert auc(np.ones(3), np.arange(3)) != auc(np.ones(3), np.arange(3))  # NaN with one class
+    # GAUC: user a ranks perfectly (1.0, 2 rows), user b inverted (0.0, 4 rows), user c one class (skipped).
+    users = ["a", "a", "b", "b", "b", "b", "c"]
+    labels = np.array([1, 0, 1, 1, 0, 0, 1])
+    scores = np.array([0.9, 0.1, 0.1, 0.2, 0.8, 0.9, 0.5])
+    assert gauc(users, labels, scores) == pytest.approx((2 * 1.0 + 4 * 0.0) / 6)
+    assert logloss([1, 0], [0.5, 0.5]) == pytest.approx(np.log(2))
+
+
+@pytest.mark.parametrize("name", BACKBONE_NAMES)
+def test_backbone_eval_is_batch_independent(name):
+    torch.manual_seed(0)
+    model = build_backbone(name, {}, 24, 3)
+    x, s = torch.randn(64, 24), torch.randint(0, 3, (64,))
+    model.train()
+    for _ in range(3):  # updates STAR's running statistics
+        model(x, s).sum().backward()
+    model.eval()
+    with torch.no_grad():
+        full = model(x, s)
+        single = torch.stack([model(x[i : i + 1], s[i : i + 1])[0] for i in range(8)])
+        shuffled = model(x.flip(0), s.flip(0)).flip(0)
+    assert torch.allclose(full[:8], single, atol=1e-6)
+    assert torch.allclose(full, shuffled, atol=1e-6)
+
+
+def test_unknown_backbone_and_levels_are_refused():
+    with pytest.raises(UserFacingError, match="unknown backbone"):
+        build_backbone("nope", {}, 8, 2)
+    with pytest.raises(UserFacingError, match="scenario' or 'user"):
+        LLM4MSRConfig(levels=["item"])
+    with pytest.raises(UserFacingError, match="invalid star parameters.*no_such_param"):
+        build_backbone("star", {"no_such_param": 1}, 8, 2)
+
+
+@pytest.fixture(scope="module")
+def flip_task():
+    """Clicks depend on an item effect whose sign flips between the two scenarios."""
+    dataset, _, _ = latent_task(users=200, items=40, rows_per_user=30, scenario_flip=True, seed=3)
+    return dataset, make_split(dataset, SplitConfig())
+
+
+def _one_scenario(dataset):
+    """The same rows with the scenario erased: a model cannot know which way an item's effect points."""
+    from dataclasses import replace
+
+    inter = dataset.interactions.copy()
+    inter["scenario"] = "alpha"
+    return replace(dataset, interactions=inter, scenarios=dataset.scenarios.iloc[:1], _fingerprint=None)
+
+
+@pytest.mark.parametrize("name", BACKBONE_NAMES)
+def test_backbone_learns_scenario_dependent_task(flip_task, name):
+    dataset, split = flip_task
+    cfg = tiny_train_config(backbone=name, llm4msr=False, epochs=8)
+    aware = train(dataset, split, None, cfg).metrics["test"]["overall"]["auc"]
+    blind_ds = _one_scenario(dataset)
+    blind = train(blind_ds, make_split(blind_ds, SplitConfig()), None, cfg).metrics["test"]["overall"]["auc"]
+    assert aware > 0.7, aware
+    assert aware > blind + 0.1, (aware, blind)
+
+
+@pytest.fixture(scope="module")
+def affinity_task(tmp_path_factory):
+    """Clicks depend on <user factor, item factor>; the snapshot holds noisy rotated factors (the known answer)."""
+    dataset, u, v = latent_task(users=400, items=60, rows_per_user=24, seed=5)
+    split = make_split(dataset, SplitConfig())
+    snap = KnowledgeSnapshot(latent_snapshot(dataset, split, u, v, tmp_path_factory.mktemp("kn")))
+    return dataset, split, snap
+
+
+@pytest.mark.parametrize("name", BACKBONE_NAMES)
+def test_wrapper_learns_from_user_knowledge(affinity_task, name):
+    dataset, split, snap = affinity_task
+    base = dict(backbone=name, epochs=10, patience=2, levels=["scenario", "user"])
+    with_llm = train(dataset, split, snap, tiny_train_config(knowledge_source="llm", **base))
+    with_random = train(dataset, split, snap, tiny_train_config(knowledge_source="random", **base))
+    a_llm = with_llm.metrics["test"]["overall"]["auc"]
+    a_rnd = with_random.metrics["test"]["overall"]["auc"]
+    assert a_llm > 0.62, a_llm
+    assert a_llm > a_rnd + 0.04, (a_llm, a_rnd)
+
+
+def test_item_level_uses_user_item_interaction(affinity_task):
+    dataset, split, snap = affinity_task
+    su = train(dataset, split, snap, tiny_train_config(levels=["scenario", "user"], epochs=10, patience=2))
+    sui = train(dataset, split, snap, tiny_train_config(levels=["scenario", "user", "item"], epochs=10, patience=2))
+    assert sui.metrics["test"]["overall"]["auc"] > 0.75
+    assert sui.metrics["test"]["overall"]["auc"] > su.metrics["test"]["overall"]["auc"] + 0.02
+
+
+def test_request_broadcast_equals_per_row_knowledge():
+    """One request's [1, d] scenario/user vectors give the same logits as the same vectors repeated per row."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        fields=[("user_id", 10), ("item_id", 20), ("scenario", 4)],
+        n_scenarios=3,
+        backbone="ple",
+        llm4msr=LLM4MSRConfig(levels=["scenario", "user", "item"], knowledge_dim=24),
+    )
+    model = CTRModel(cfg).eval()
+    fields = torch.stack([torch.full((6,), 3), torch.arange(6), torch.full((6,), 2)], dim=1)
+    scen = torch.full((6,), 1)
+    ks, ku, ki = torch.randn(1, 24), torch.randn(1, 24), torch.randn(6, 24)
+    with torch.no_grad():
+        once = model(fields, scen, {"scenario": ks, "user": ku, "item": ki})
+        rows = model(fields, scen, {"scenario": ks.expand(6, -1), "user": ku.expand(6, -1), "item": ki})
+        other_user = model(fields, scen, {"scenario": ks, "user": torch.randn(1, 24), "item": ki})
+    assert torch.allclose(once, rows, atol=1e-6)
+    assert not torch.allclose(once, other_user, atol=1e-4)

@@ -1,0 +1,159 @@
+"""Trainer guards and the train / evaluate / compare commands end to end on the synthetic dataset."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fixtures_models import tiny_train_config, train_tiny_artifact, write_planted_snapshot, write_snapshot
+
+import llm4msr_cli
+from offline.training.trainer import train
+from shared.artifact import load_artifact
+from shared.dataset.folder import read_dataset
+from shared.dataset.split import SplitConfig, make_split
+from shared.errors import UserFacingError
+from shared.knowledge.snapshot import KnowledgeSnapshot
+
+
+@pytest.fixture(scope="module")
+def synth(synth_dir, tmp_path_factory):
+    dataset = read_dataset(synth_dir)
+    split = make_split(dataset, SplitConfig())
+    kn = write_planted_snapshot(dataset, split, tmp_path_factory.mktemp("kn") / "knowledge")
+    return dataset, split, kn
+
+
+def test_snapshot_from_another_split_is_refused(synth, tmp_path):
+    dataset, split, kn = synth
+    snap = KnowledgeSnapshot(kn)
+    leaky = write_snapshot(
+        tmp_path / "leaky",
+        split,
+        dict(zip(snap.scenarios().ids, snap.scenarios().embeddings)),
+        dict(zip(snap.users().ids, snap.users().embeddings)),
+        dict(zip(snap.items().ids, snap.items().embeddings)),
+        split_fingerprint="0" * 64,
+    )
+    with pytest.raises(UserFacingError, match="built on another split"):
+        train(dataset, split, KnowledgeSnapshot(leaky), tiny_train_config(epochs=1))
+    with pytest.raises(UserFacingError, match="needs --knowledge"):
+        train(dataset, split, None, tiny_train_config(epochs=1))
+
+
+def test_early_stopping_restores_the_best_epoch(synth):
+    dataset, split, kn = synth
+    r = train(dataset, split, KnowledgeSnapshot(kn), tiny_train_config(epochs=6, patience=0, lr=0.05))
+    aucs = [h["valid_auc"] for h in r.history]
+    assert r.best_epoch == aucs.index(max(aucs)) + 1
+    assert r.metrics["valid"]["overall"]["auc"] == pytest.approx(max(aucs), rel=1e-5)
+    assert len(r.history) <= 6 and all(h["samples_per_s"] > 0 for h in r.history)
+
+
+def test_cli_train_then_evaluate(synth_dir, synth, tmp_path, capsys):
+    _, _, kn = synth
+    out = tmp_path / "model"
+    rc = llm4msr_cli.main(
+        [
+            "train",
+            "--data",
+            str(synth_dir),
+            "--knowledge",
+            str(kn),
+            "--backbone",
+            "star",
+            "--levels",
+            "scenario,user,item",
+            "--placement",
+            "both",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "256",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
+    assert rc == 0
+    trained = json.loads(capsys.readouterr().out)
+    rc = llm4msr_cli.main(["evaluate", str(out), "--data", str(synth_dir), "--knowledge", str(kn), "--json"])
+    assert rc == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    for split in ("valid", "test"):
+        assert evaluated["metrics"][split]["overall"] == pytest.approx(trained[split]["overall"], rel=1e-5)
+        assert set(evaluated["metrics"][split]["per_scenario"]) == {"apparel", "books", "home"}
+    # A model that reads LLM vectors cannot be evaluated without them.
+    rc = llm4msr_cli.main(["evaluate", str(out), "--data", str(synth_dir)])
+    assert rc == 2
+    assert "pass --knowledge" in capsys.readouterr().err
+
+
+def test_cli_plain_backbone_needs_no_knowledge(synth_dir, tmp_path, capsys):
+    out = tmp_path / "plain"
+    rc = llm4msr_cli.main(
+        [
+            "train",
+            "--data",
+            str(synth_dir),
+            "--backbone",
+            "mmoe",
+            "--no-llm4msr",
+            "--epochs",
+            "1",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    assert "test   overall" in capsys.readouterr().out
+    cfg = load_artifact(out).config
+    assert cfg.llm4msr is False and cfg.knowledge_source == "none" and cfg.knowledge_space_id is None
+
+
+def test_compare_writes_report(synth_dir, synth, tmp_path):
+    _, _, kn = synth
+    out = tmp_path / "report"
+    args = [
+        "compare",
+        "--data",
+        str(synth_dir),
+        "--knowledge",
+        str(kn),
+        "--seeds",
+        "1",
+        "--backbones",
+        "star",
+        "--variants",
+        "plain,llm_su,id_sui",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "512",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert llm4msr_cli.main(args) == 0
+    report = (out / "report.md").read_text()
+    assert "| star | plain | 1 |" in report and "+LLM4MSR (scenario,user)" in report and "+ID control" in report
+    assert (out / "per_scenario_auc.png").stat().st_size > 1000
+    assert (out / "scenario_similarity.png").stat().st_size > 1000
+    assert len(list((out / "runs").glob("*.json"))) == 3
+    # Re-running skips finished runs (resumable in pieces) and rebuilds the report.
+    mtime = (out / "runs" / "star__plain__s0.json").stat().st_mtime
+    assert llm4msr_cli.main(args) == 0
+    assert (out / "runs" / "star__plain__s0.json").stat().st_mtime == mtime
+
+
+def test_train_tiny_artifact_helper(synth_dir, tmp_path):
+    path = train_tiny_artifact(synth_dir, None, tmp_path / "tiny", backbone="ple", levels=("scenario", "user", "item"))
+    artifact = load_artifact(path)
+    assert artifact.config.backbone == "ple"
+    assert artifact.config.levels == ["scenario", "user", "item"]
+    assert artifact.config.knowledge_space_id is not None
