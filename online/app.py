@@ -291,19 +291,29 @@ def create_app(settings: ServeSettings | None = None, state: ServingState | None
             422: errors[422],
         },
         summary="Reload the model artifact (or load another) and re-check the published knowledge",
+        openapi_extra={
+            "requestBody": {
+                "required": False,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ReloadRequest"}}},
+            }
+        },
     )
     async def admin_reload(
         request: Request,
-        body: ReloadRequest | None = None,
         authorization: Annotated[str | None, Header(description="Bearer <admin token>")] = None,
     ) -> ReloadResponse:
         st: ServingState = request.app.state.serving
-        _check_token(st.settings.admin_token, authorization)
-        target = (body.artifact if body is not None else None) or str(st.ranker.artifact_dir)
+        _check_token(st.settings.admin_token, authorization)  # before reading anything else
+        raw = await _read_body(request, 64_000)
+        body = _parse(ReloadRequest, raw) if raw.strip() else ReloadRequest()
+        target = body.artifact or str(st.ranker.artifact_dir)
         try:
             await run_in_threadpool(_reload, st, target)
         except UserFacingError as exc:
             raise HTTPProblem(422, str(exc)) from exc
+        except (OSError, ValueError) as exc:  # e.g. a path the OS cannot even look at
+            raise HTTPProblem(422, f"cannot load artifact {target!r}: {exc}") from exc
+        app.openapi_schema = None  # scenarios may have changed
         kv = st.store.current() if st.store is not None else None
         return ReloadResponse(
             model_version=st.ranker.model_version, knowledge_version=kv.version if kv is not None else None
@@ -319,6 +329,12 @@ def create_app(settings: ServeSettings | None = None, state: ServingState | None
         comps = schema.setdefault("components", {}).setdefault("schemas", {})
         comps.update(rank_schema.pop("$defs", {}))
         comps["RankRequest"] = rank_schema
+        comps["ReloadRequest"] = ReloadRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        # What this server accepts right now, so that clients (and fuzzers) see the real constraints.
+        st = getattr(app.state, "serving", None)
+        if st is not None:
+            rank_schema["properties"]["scenario"]["enum"] = list(st.ranker.scenarios)
+            rank_schema["properties"]["candidates"]["maxItems"] = st.settings.max_candidates
         app.openapi_schema = schema
         return schema
 
