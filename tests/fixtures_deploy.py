@@ -194,3 +194,62 @@ def prometheus_exe() -> str | None:
 
 def promtool_exe() -> str | None:
     return shutil.which("promtool")
+
+
+def local_prometheus_config(tmp: Path, target: str, interval: str = "1s") -> Path:
+    """The project's prometheus.yml and alerts.yml, with the ranker job pointed at `target` (host:port) and short
+    scrape/evaluation intervals; everything else (job name, metrics path, rules) is as deployed."""
+    cfg = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    cfg["global"]["scrape_interval"] = interval
+    cfg["global"]["evaluation_interval"] = interval
+    for group in cfg["scrape_configs"]:
+        if group["job_name"] == "llm4msr-ranker":
+            group.pop("dns_sd_configs")
+            group["static_configs"] = [{"targets": [target]}]
+            group["scrape_interval"] = interval
+    cfg["scrape_configs"] = [g for g in cfg["scrape_configs"] if g["job_name"] == "llm4msr-ranker"]
+    rules = yaml.safe_load(ALERTS.read_text())
+    for group in rules["groups"]:
+        group["interval"] = interval
+    (tmp / "alerts.yml").write_text(yaml.safe_dump(rules))
+    path = tmp / "prometheus.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def start_prometheus(tmp: Path, target: str, interval: str = "1s") -> tuple[str, Proc]:
+    """A real Prometheus on a loopback port with its TSDB in tmp; returns (base URL, process) once ready."""
+    exe = prometheus_exe()
+    if exe is None:
+        raise RuntimeError("prometheus is not installed (Debian package prometheus)")
+    config = local_prometheus_config(tmp, target, interval)
+    port = free_port()
+    proc = Proc(
+        [
+            exe,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--storage.tsdb.retention.time=1h",
+        ],
+        tmp / "prometheus.log",
+        cwd=tmp,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(base + "/-/ready", 30)
+    except TimeoutError as exc:
+        proc.stop()
+        raise RuntimeError(f"{exc}\n{proc.log()}") from None
+    return base, proc
+
+
+def prom_query(base: str, expr: str) -> list[dict]:
+    """An instant query through the HTTP API; fails loudly on a PromQL error."""
+    import httpx
+
+    r = httpx.get(base + "/api/v1/query", params={"query": expr}, timeout=10)
+    body = r.json()
+    if r.status_code != 200 or body.get("status") != "success":
+        raise AssertionError(f"{expr}: {body}")
+    return body["data"]["result"]

@@ -12,25 +12,22 @@ import json
 import math
 import random
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures_deploy import (
     ALERTS,
     DASHBOARDS,
     PROMETHEUS_DIR,
-    Proc,
     alert_rules,
     dashboard_exprs,
-    free_port,
     grafana_to_promql,
     metric_names,
+    prom_query,
     prometheus_exe,
-    wait_http,
+    start_prometheus,
 )
 from tests.fixtures_serving import build_world, publish, rank_body, start_server
 
@@ -120,59 +117,15 @@ def test_every_dashboard_and_alert_metric_is_exported(world, ranker):
     assert created == pytest.approx(1704067200.0)  # 2024-01-01T00:00:00Z in the test snapshot
 
 
-def _prometheus_config(tmp: Path, target: str) -> Path:
-    """The project's prometheus.yml with the ranker job pointed at the test ranker and a 1 s scrape."""
-    cfg = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
-    cfg["global"]["scrape_interval"] = "1s"
-    cfg["global"]["evaluation_interval"] = "1s"
-    for group in cfg["scrape_configs"]:
-        if group["job_name"] == "llm4msr-ranker":
-            group.pop("dns_sd_configs")
-            group["static_configs"] = [{"targets": [target]}]
-            group["scrape_interval"] = "1s"
-    cfg["scrape_configs"] = [g for g in cfg["scrape_configs"] if g["job_name"] == "llm4msr-ranker"]
-    rules = yaml.safe_load(ALERTS.read_text())
-    for group in rules["groups"]:
-        group["interval"] = "1s"
-    (tmp / "alerts.yml").write_text(yaml.safe_dump(rules))
-    path = tmp / "prometheus.yml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _query(base: str, expr: str) -> list[dict]:
-    r = httpx.get(base + "/api/v1/query", params={"query": expr}, timeout=10)
-    body = r.json()
-    assert r.status_code == 200 and body["status"] == "success", f"{expr}: {body}"
-    return body["data"]["result"]
-
-
 @pytest.mark.skipif(prometheus_exe() is None, reason="prometheus not installed (Debian package; .ci/run installs it)")
 def test_prometheus_scrapes_ranker_and_dashboard_p99_is_a_number(world, ranker, tmp_path):
-    config = _prometheus_config(tmp_path, f"127.0.0.1:{ranker.port}")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    prom = Proc(
-        [
-            prometheus_exe(),
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--storage.tsdb.retention.time=1h",
-        ],
-        tmp_path / "prometheus.log",
-        cwd=tmp_path,
-    )
+    base, prom = start_prometheus(tmp_path, f"127.0.0.1:{ranker.port}")
     try:
-        try:
-            wait_http(base + "/-/ready", 30)
-        except TimeoutError as exc:
-            raise AssertionError(f"{exc}\n{prom.log()}") from None
         # the ranker is a healthy target before the load starts
         deadline = time.time() + 20
-        while time.time() < deadline and not _query(base, 'up{job="llm4msr-ranker"} == 1'):
+        while time.time() < deadline and not prom_query(base, 'up{job="llm4msr-ranker"} == 1'):
             time.sleep(0.5)
-        assert _query(base, 'up{job="llm4msr-ranker"} == 1'), prom.log()
+        assert prom_query(base, 'up{job="llm4msr-ranker"} == 1'), prom.log()
 
         latencies = send_load(world, ranker.url, n=150, seconds=4.0)
         time.sleep(2.5)  # two more scrapes after the last request
@@ -180,7 +133,7 @@ def test_prometheus_scrapes_ranker_and_dashboard_p99_is_a_number(world, ranker, 
         dash = (PROMETHEUS_DIR.parent / "grafana/dashboards/llm4msr-ranker.json").read_text()
         panel = next(p for p in json.loads(dash)["panels"] if p.get("title") == P99_TITLE)
         p99_expr = next(t["expr"] for t in panel["targets"] if t["legendFormat"] == "p99")
-        result = _query(base, grafana_to_promql(p99_expr))
+        result = prom_query(base, grafana_to_promql(p99_expr))
         assert len(result) == 1, result
         p99 = float(result[0]["value"][1])
         assert math.isfinite(p99) and 0 < p99 <= 1.0, p99
@@ -193,19 +146,19 @@ def test_prometheus_scrapes_ranker_and_dashboard_p99_is_a_number(world, ranker, 
             for expr in dashboard_exprs(path):
                 if expr.startswith("label_values("):
                     name = expr[len("label_values(") :].split(",")[0].strip()
-                    assert _query(base, name), f"{name} has no series"
+                    assert prom_query(base, name), f"{name} has no series"
                     continue
-                _query(base, grafana_to_promql(expr))
-        rps = _query(base, 'sum(rate(llm4msr_requests_total{route="/rank"}[1m]))')
+                prom_query(base, grafana_to_promql(expr))
+        rps = prom_query(base, 'sum(rate(llm4msr_requests_total{route="/rank"}[1m]))')
         assert float(rps[0]["value"][1]) > 0
-        versions = _query(base, "count by (model_version, knowledge_version) (llm4msr_versions_info)")
+        versions = prom_query(base, "count by (model_version, knowledge_version) (llm4msr_versions_info)")
         assert versions and versions[0]["metric"]["knowledge_version"] == "v1"
 
         # the project's rules load and evaluate without errors; the p99 recording rule has a value
         deadline = time.time() + 10
-        while time.time() < deadline and not _query(base, "llm4msr:rank_latency_seconds:p99_5m"):
+        while time.time() < deadline and not prom_query(base, "llm4msr:rank_latency_seconds:p99_5m"):
             time.sleep(0.5)
-        recorded = _query(base, "llm4msr:rank_latency_seconds:p99_5m")
+        recorded = prom_query(base, "llm4msr:rank_latency_seconds:p99_5m")
         assert recorded and math.isfinite(float(recorded[0]["value"][1]))
         rules = httpx.get(base + "/api/v1/rules", timeout=10).json()["data"]["groups"]
         loaded = [r for g in rules for r in g["rules"]]
