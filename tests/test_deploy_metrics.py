@@ -137,9 +137,12 @@ def test_prometheus_scrapes_ranker_and_dashboard_p99_is_a_number(world, ranker, 
         assert len(result) == 1, result
         p99 = float(result[0]["value"][1])
         assert math.isfinite(p99) and 0 < p99 <= 1.0, p99
-        # the server-side p99 cannot exceed what the client saw by more than a bucket's width
-        client_max = max(latencies)
-        assert p99 <= max(2 * client_max, 0.01), (p99, client_max)
+        # the server measures inside the client's time, so every observation lies in a bucket at or below the one
+        # holding the slowest client latency, and so does the interpolated p99
+        from online.metrics import LATENCY_BUCKETS
+
+        bound = next((b for b in LATENCY_BUCKETS if b >= max(latencies)), LATENCY_BUCKETS[-1])
+        assert p99 <= bound + 1e-9, (p99, max(latencies))
 
         # every dashboard query is valid PromQL for this Prometheus, and the core ones have data
         for path in DASHBOARDS:
