@@ -38,14 +38,15 @@ from online.metrics import ServingMetrics
 from online.ranker import Ranker, cap_torch_threads
 from online.schemas import (
     ID_MAX,
+    RANK_REQUEST,
     ErrorResponse,
     ExplainResponse,
     HealthResponse,
-    RankRequest,
     RankResponse,
     ReadyResponse,
     ReloadRequest,
     ReloadResponse,
+    candidate_feature_errors,
 )
 from online.settings import ServeSettings
 from shared.errors import UserFacingError
@@ -183,12 +184,12 @@ def create_app(settings: ServeSettings | None = None, state: ServingState | None
         st: ServingState = request.app.state.serving
         m = st.metrics
         body = await _read_body(request, st.settings.max_body_bytes)
-        req = _parse(RankRequest, body)
-        n = len(req.candidates)
+        req = _parse_rank(body)
+        n = len(req["candidates"])
         if n > st.settings.max_candidates:
             raise HTTPProblem(422, f"too many candidates: {n} > max_candidates {st.settings.max_candidates}")
         ranker = st.ranker  # this request stays on this model even if an admin reload swaps it
-        _check_scenario(ranker, req.scenario)
+        _check_scenario(ranker, req["scenario"])
         kv = None
         if ranker.uses_knowledge:
             kv = st.store.current() if st.store is not None else None
@@ -203,9 +204,9 @@ def create_app(settings: ServeSettings | None = None, state: ServingState | None
         m.stage_children["forward"].observe(t_fw)
 
         t2 = time.perf_counter()
-        top_k = min(req.top_k or st.settings.default_top_k, n)
+        top_k = min(req.get("top_k") or st.settings.default_top_k, n)
         order = np.argsort(-scores, kind="stable")[:top_k]
-        ids = [c.item_id for c in req.candidates]
+        ids = req["item_ids"]
         payload = {
             "items": [{"item_id": ids[i], "score": float(scores[i])} for i in order.tolist()],
             "model_version": ranker.model_version,
@@ -325,7 +326,7 @@ def create_app(settings: ServeSettings | None = None, state: ServingState | None
         from fastapi.openapi.utils import get_openapi
 
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-        rank_schema = RankRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        rank_schema = RANK_REQUEST.json_schema(ref_template="#/components/schemas/{model}")
         comps = schema.setdefault("components", {}).setdefault("schemas", {})
         comps.update(rank_schema.pop("$defs", {}))
         comps["RankRequest"] = rank_schema
@@ -388,11 +389,27 @@ def _parse(model, body: bytes):
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
-        detail = [
-            {"loc": ["body", *err["loc"]], "msg": err["msg"], "type": err["type"]}
-            for err in exc.errors(include_url=False, include_context=False, include_input=False)
-        ]
-        raise HTTPProblem(422, detail) from None
+        raise HTTPProblem(422, _errors(exc)) from None
+
+
+def _errors(exc: ValidationError) -> list[dict]:
+    return [
+        {"loc": ["body", *err["loc"]], "msg": err["msg"], "type": err["type"]}
+        for err in exc.errors(include_url=False, include_context=False, include_input=False)
+    ]
+
+
+def _parse_rank(body: bytes) -> dict:
+    try:
+        req = RANK_REQUEST.validate_json(body)
+    except ValidationError as exc:
+        raise HTTPProblem(422, _errors(exc)) from None
+    cands = req["candidates"]
+    bad = candidate_feature_errors(cands)
+    if bad:
+        raise HTTPProblem(422, bad)
+    req["item_ids"] = [c["item_id"] for c in cands]
+    return req
 
 
 def _check_scenario(ranker: Ranker, scenario: str) -> None:
@@ -425,20 +442,20 @@ def _count_fallbacks(metrics: ServingMetrics, fallbacks: list[Fallback]) -> None
         metrics.fallbacks.labels(level=f.level, reason=f.reason).inc(f.count)
 
 
-def _score(st: ServingState, ranker: Ranker, kv: KnowledgeVersion | None, req: RankRequest):
+def _score(st: ServingState, ranker: Ranker, kv: KnowledgeVersion | None, req: dict):
     """knowledge + forward, in a threadpool thread."""
     from shared.scoring import RequestKnowledge
 
     t0 = time.perf_counter()
-    item_ids = [c.item_id for c in req.candidates]
+    item_ids = req["item_ids"]
     fallbacks: list[Fallback] = []
     knowledge = RequestKnowledge(scenario_vec=None, user_vec=None, item_vecs=None)
     if kv is not None and st.store is not None:
-        fetched = st.store.fetch(kv, req.user_id, item_ids if ranker.needs_items else None, ranker.needs_user)
+        fetched = st.store.fetch(kv, req["user_id"], item_ids if ranker.needs_items else None, ranker.needs_user)
         fallbacks.extend(fetched.fallbacks)
         scen = None
         if ranker.needs_scenario:
-            scen = kv.scenarios.get(req.scenario)
+            scen = kv.scenarios.get(req["scenario"])
             if scen is None:
                 scen = np.zeros(kv.dim, np.float32)
                 fallbacks.append(Fallback("scenario", "unknown"))
@@ -448,23 +465,22 @@ def _score(st: ServingState, ranker: Ranker, kv: KnowledgeVersion | None, req: R
         fallbacks.append(Fallback("item_id", "oov", oov))
     features = _features(req)
     t1 = time.perf_counter()
-    scores = ranker.score(req.scenario, req.user_id, item_ids, knowledge, features=features)
+    scores = ranker.score(req["scenario"], req["user_id"], item_ids, knowledge, features=features)
     t2 = time.perf_counter()
     _count_fallbacks(st.metrics, fallbacks)
     return scores, fallbacks, t1 - t0, t2 - t1
 
 
-def _features(req: RankRequest) -> dict[str, list] | None:
+def _features(req: dict) -> dict[str, list] | None:
     """Optional per-candidate feature columns (missing values are None)."""
+    cands = req["candidates"]
     names: list[str] = []
-    for c in req.candidates:
-        if c.model_extra:
-            for k in c.model_extra:
-                if k not in names:
-                    names.append(k)
+    for c in cands:
+        if len(c) > 1:
+            names.extend(k for k in c if k != "item_id" and k not in names)
     if not names:
         return None
-    return {k: [None if (v := (c.model_extra or {}).get(k)) is None else str(v) for c in req.candidates] for k in names}
+    return {k: [None if (v := c.get(k)) is None else str(v) for c in cands] for k in names}
 
 
 def _reload(st: ServingState, artifact: str) -> None:

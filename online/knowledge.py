@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from shared.errors import UserFacingError
 from shared.knowledge import keys
@@ -48,17 +47,23 @@ class Fallback:
 
 
 class ItemVectors:
-    """An id-indexed matrix of item vectors (rows aligned with `ids`)."""
+    """An id-indexed matrix of item vectors (rows aligned with `ids`).
+
+    The index is a plain dict: for a few hundred ids per request it is several times cheaper than building a
+    pandas Index and calling get_indexer.
+    """
 
     def __init__(self, ids: Sequence[str], matrix: np.ndarray):
         self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
-        self.index = pd.Index(list(ids), dtype=object)
+        self.ids = list(ids)
+        self.index = {id_: i for i, id_ in enumerate(self.ids)}
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.ids)
 
     def positions(self, ids: Sequence[str]) -> np.ndarray:
-        return self.index.get_indexer(pd.Index(ids, dtype=object))
+        get = self.index.get
+        return np.fromiter((get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
 
 
 @dataclass
@@ -76,6 +81,7 @@ class KnowledgeVersion:
     items_complete: bool = True
     # Snapshot store only: the users table in memory.
     users: KnowledgeTable | None = None
+    user_rows: dict[str, int] | None = None
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -298,14 +304,15 @@ class SnapshotKnowledgeStore(KnowledgeStore):
             default_user=snap.default_user(),
             items=_table_to_items(items),
             users=users,
+            user_rows={id_: i for i, id_ in enumerate(users.ids)},
         )
 
     def fetch(self, kv: KnowledgeVersion, user_id: str, item_ids: Sequence[str] | None, need_user: bool) -> Fetched:
         fallbacks: list[Fallback] = []
         user_vec = None
         if need_user:
-            assert kv.users is not None
-            pos = kv.users.positions([user_id])[0]
+            assert kv.users is not None and kv.user_rows is not None
+            pos = kv.user_rows.get(user_id, -1)
             if pos >= 0:
                 user_vec = kv.users.embeddings[pos]
             else:

@@ -42,6 +42,7 @@ class Ranker:
     backbone: str
     loaded_at: float = field(default_factory=time.time)
     _forward_gate: threading.BoundedSemaphore | None = None
+    _known_items: frozenset[str] = frozenset()
 
     @classmethod
     def load(cls, artifact_dir: str | Path, max_concurrent_forwards: int = 2) -> Ranker:
@@ -66,6 +67,7 @@ class Ranker:
             needs_levels=needs,
             backbone=str(getattr(cfg, "backbone", "")),
             _forward_gate=threading.BoundedSemaphore(max_concurrent_forwards),
+            _known_items=frozenset(vocab.tokens) if (vocab := scorer.encoder.vocabs.get("item_id")) else frozenset(),
         )
         ranker.warm_up()
         log.info(
@@ -95,8 +97,8 @@ class Ranker:
 
     def oov_count(self, item_ids: list[str]) -> int:
         """Candidates whose id the model never saw (they get the out-of-vocabulary embedding)."""
-        vocab = self.scorer.encoder.vocabs.get("item_id")
-        return 0 if vocab is None else int((vocab.encode(item_ids) == 0).sum())
+        known = self._known_items
+        return sum(1 for i in item_ids if i not in known)
 
     def score(self, scenario: str, user_id: str, item_ids: list[str], knowledge, features=None) -> np.ndarray:
         """One batched forward for all candidates (the meta layers are generated once per request)."""

@@ -2,38 +2,55 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
+from typing_extensions import NotRequired, TypedDict
 
 ID_MAX = 256
-FeatureValue = str | int | float | bool
+Id = Annotated[str, StringConstraints(min_length=1, max_length=ID_MAX)]
+FEATURE_TYPES = (str, int, float, bool)
 
 
-class Candidate(BaseModel):
-    """A candidate item; any further flat field is an optional categorical feature of the model."""
+# The request side is TypedDicts validated by one TypeAdapter: pydantic checks them in Rust straight from the
+# JSON bytes without building a model object per candidate (~3x faster than BaseModels for 500 candidates).
+class Candidate(TypedDict):
+    """A candidate item; any further flat field (string, number, boolean) is an optional categorical feature."""
 
-    model_config = ConfigDict(
-        extra="allow", json_schema_extra={"additionalProperties": {"type": ["string", "integer", "number", "boolean"]}}
+    __pydantic_config__ = ConfigDict(  # type: ignore[misc]
+        extra="allow",
+        json_schema_extra={"additionalProperties": {"type": ["string", "integer", "number", "boolean"]}},
     )
-
-    item_id: str = Field(min_length=1, max_length=ID_MAX)
-
-    @model_validator(mode="after")
-    def _flat_features(self) -> Candidate:
-        for name, value in (self.model_extra or {}).items():
-            if not isinstance(value, FeatureValue):
-                raise ValueError(f"feature {name!r} must be a string, number or boolean")
-        return self
+    item_id: Id
 
 
-class RankRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RankRequest(TypedDict):
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
 
-    user_id: str = Field(min_length=1, max_length=ID_MAX)
-    scenario: str = Field(min_length=1, max_length=ID_MAX)
-    candidates: list[Candidate] = Field(description="at most the server's max_candidates (default 1000)")
-    top_k: int | None = Field(None, ge=1, description="how many items to return (default: server setting)")
+    user_id: Id
+    scenario: Annotated[Id, Field(description="one of the model's scenarios")]
+    candidates: Annotated[list[Candidate], Field(description="at most the server's max_candidates (default 1000)")]
+    top_k: NotRequired[Annotated[int | None, Field(ge=1, description="items to return (default: server setting)")]]
+
+
+RANK_REQUEST = TypeAdapter(RankRequest)
+
+
+def candidate_feature_errors(candidates: list[dict]) -> list[dict]:
+    """Extra candidate fields must be flat values (the TypedDict admits anything there)."""
+    errors = []
+    for i, cand in enumerate(candidates):
+        if len(cand) > 1:
+            for name, value in cand.items():
+                if name != "item_id" and (value is None or not isinstance(value, FEATURE_TYPES)):
+                    errors.append(
+                        {
+                            "loc": ["body", "candidates", i, name],
+                            "msg": f"feature {name!r} must be a string, number or boolean",
+                            "type": "value_error",
+                        }
+                    )
+    return errors
 
 
 class RankedItem(BaseModel):
