@@ -235,18 +235,26 @@ def _plot_similarity(out: Path, snapshot) -> None:
 
     table = snapshot.scenarios()
     emb = table.embeddings.astype(np.float64)
-    # Raw LLM hidden states share a large common component; centre across scenarios only if there are >2.
-    unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    sim = unit @ unit.T
-    fig, ax = plt.subplots(figsize=(1.2 * len(table.ids) + 2.5, 1.2 * len(table.ids) + 1.5))
-    im = ax.imshow(sim, vmin=min(0.0, sim.min()), vmax=1.0, cmap="viridis")
-    ax.set_xticks(range(len(table.ids)), table.ids, rotation=30)
-    ax.set_yticks(range(len(table.ids)), table.ids)
-    for i in range(len(table.ids)):
-        for j in range(len(table.ids)):
-            ax.text(j, i, f"{sim[i, j]:.3f}", ha="center", va="center", color="w" if sim[i, j] < 0.7 else "k")
-    ax.set_title("cosine similarity of scenario knowledge")
-    fig.colorbar(im, ax=ax)
+    # Raw hidden states share a large common direction (cosines near 1), so the second panel centres them on the
+    # users' mean vector first, which shows how the scenarios differ relative to the typical prompt.
+    try:
+        centre = snapshot.users().embeddings.astype(np.float64).mean(0)
+    except UserFacingError:
+        centre = emb.mean(0)
+    panels = {"raw": emb, "centred on the mean user vector": emb - centre}
+    n = len(table.ids)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * (1.1 * n + 2.5), 1.1 * n + 2))
+    for ax, (title, vecs) in zip(axes, panels.items()):
+        unit = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+        sim = unit @ unit.T
+        im = ax.imshow(sim, vmin=-1.0, vmax=1.0, cmap="coolwarm")
+        ax.set_xticks(range(n), table.ids, rotation=30, ha="right")
+        ax.set_yticks(range(n), table.ids)
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_title(f"scenario knowledge cosine: {title}", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(out / "scenario_similarity.png", dpi=110)
     plt.close(fig)
