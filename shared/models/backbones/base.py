@@ -66,9 +66,12 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, D] (shared input) or [B, K, D] (one input per map) -> [B, K, out]."""
-        if x.dim() == 2:
-            return torch.einsum("bd,kdo->bko", x, self.weight) + self.bias
-        return torch.einsum("bkd,kdo->bko", x, self.weight) + self.bias
+        k, d, o = self.weight.shape
+        if x.dim() == 2:  # one matmul against all K maps side by side
+            out = (x @ self.weight.permute(1, 0, 2).reshape(d, k * o)).view(-1, k, o)
+        else:  # K matmuls, batched over K
+            out = torch.bmm(x.transpose(0, 1), self.weight).transpose(0, 1)
+        return out + self.bias
 
 
 class StackedMLP(nn.Module):

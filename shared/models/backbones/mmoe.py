@@ -28,5 +28,5 @@ class MMoE(Backbone):
     def forward(self, x: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
         experts = self.experts(x)  # [B, E, h]
         gate = torch.softmax(select(self.gates(x), scenario), dim=-1)  # [B, E]
-        mixed = torch.einsum("be,beh->bh", gate, experts)
+        mixed = (gate.unsqueeze(-1) * experts).sum(1)
         return select(self.towers(mixed), scenario).squeeze(-1)

@@ -39,15 +39,14 @@ class CGC(nn.Module):
         spec_in = per_scenario.repeat_interleave(self.kt, dim=1)  # [B, S*kt, D]
         specific = self.specific(spec_in).view(b, self.s, self.kt, -1)
         shared = self.shared(shared_in)  # [B, ks, h]
-        gate_logits = torch.einsum("bsd,sde->bse", per_scenario, self.gates.weight) + self.gates.bias
-        gate = torch.softmax(gate_logits, dim=-1)  # [B, S, kt + ks]
-        pool = torch.cat([specific, shared.unsqueeze(1).expand(-1, self.s, -1, -1)], dim=2)
-        out = torch.einsum("bse,bseh->bsh", gate, pool)
+        gate = torch.softmax(self.gates(per_scenario), dim=-1)  # [B, S, kt + ks]
+        # Weighted sums as broadcast multiply + sum: einsum would run B*S tiny matrix products.
+        out = (gate[..., : self.kt, None] * specific).sum(2) + (gate[..., self.kt :, None] * shared[:, None]).sum(2)
         if self.shared_gate is None:
             return out
         all_experts = torch.cat([specific.reshape(b, self.s * self.kt, -1), shared], dim=1)
         g = torch.softmax(self.shared_gate(shared_in), dim=-1)
-        shared_out = torch.einsum("be,beh->bh", g, all_experts)
+        shared_out = (g.unsqueeze(-1) * all_experts).sum(1)
         return torch.cat([out, shared_out.unsqueeze(1)], dim=1)
 
 

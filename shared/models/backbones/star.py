@@ -73,9 +73,10 @@ class StarLinear(nn.Module):
         self.b_s = nn.Parameter(torch.zeros(n_scenarios, out_dim))
 
     def forward(self, x: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
-        weights = self.w_shared * self.w_s  # [S, in, out]
-        out = torch.einsum("bi,sio->bso", x, weights)
-        out = out.gather(1, scenario.view(-1, 1, 1).expand(-1, 1, out.shape[-1])).squeeze(1)
+        s, i, o = self.w_s.shape
+        weights = (self.w_shared * self.w_s).permute(1, 0, 2).reshape(i, s * o)  # all scenarios side by side
+        out = (x @ weights).view(-1, s, o)
+        out = out.gather(1, scenario.view(-1, 1, 1).expand(-1, 1, o)).squeeze(1)
         return out + self.b_shared + self.b_s[scenario]
 
 
