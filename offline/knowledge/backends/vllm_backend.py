@@ -11,8 +11,10 @@ import base64
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -56,6 +58,8 @@ class _Engine:
             stderr=None if log.isEnabledFor(logging.DEBUG) else subprocess.DEVNULL,
             text=True,
             env=env,
+            # vLLM starts engine-core and worker processes; a session of their own lets close() end them all.
+            start_new_session=True,
         )
         ready = self._read()
         if not ready.get("ready"):
@@ -89,6 +93,13 @@ class _Engine:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
+        # The engine's helper processes outlive the worker's os._exit: end its whole process group.
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.5)
 
 
 class VLLMBackend(Backend):

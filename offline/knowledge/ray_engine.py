@@ -1,0 +1,100 @@
+"""`--engine ray`: shards of prompts spread over Ray actors, each holding its own LLM backend.
+
+On a GPU cluster: start Ray on every node (`ray start --head` / `ray start --address=HEAD:6379`), then run
+`llm4msr knowledge build ... --backend vllm --engine ray --ray-address auto --ray-workers <GPUs>
+--ray-gpus-per-worker 1`: one vLLM engine per GPU. The driver keeps the resumable shard files and the snapshot, so
+only the driver needs the output folder; the workers need the model folder at the same path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from offline.knowledge.build import Executor, KnowledgeConfig
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class _Worker:
+    """A Ray actor: one backend, kept for the whole build (model loading is the expensive part)."""
+
+    def __init__(self, backend_config):
+        from offline.knowledge.backends import make_backend
+
+        self.backend = make_backend(backend_config)
+
+    def run(self, op: str, texts: list[str], pooling: str):
+        if op == "generate":
+            return self.backend.generate(texts)
+        return self.backend.embed(texts, pooling)
+
+    def end_generation(self) -> None:
+        self.backend.end_generation()
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+class RayExecutor(Executor):
+    def __init__(self, config: KnowledgeConfig):
+        import ray
+
+        self._own_ray = False
+        if not ray.is_initialized():
+            kwargs: dict = {"include_dashboard": False, "log_to_driver": False}
+            if config.ray_address:
+                kwargs["address"] = config.ray_address
+            else:
+                kwargs["num_cpus"] = max(1, int(config.ray_workers * config.ray_cpus_per_worker))
+            # Workers import this project: make it importable even when it is not installed there.
+            pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}
+            ray.init(**kwargs)
+            self._own_ray = True
+        actor = ray.remote(num_cpus=config.ray_cpus_per_worker, num_gpus=config.ray_gpus_per_worker)(_Worker)
+        backend = config.backend
+        self.actors = [actor.remote(backend) for _ in range(max(1, config.ray_workers))]
+        log.info("ray engine: %d workers", len(self.actors))
+
+    def map(self, op: str, shards: list[list[str]], pooling: str):
+        """Keeps every actor busy with one shard at a time; yields shards as they finish."""
+        import ray
+
+        pending: dict = {}
+        queue = list(enumerate(shards))
+        free = list(self.actors)
+
+        def submit() -> None:
+            while free and queue:
+                a = free.pop()
+                k, texts = queue.pop(0)
+                pending[a.run.remote(op, texts, pooling)] = (k, a)
+
+        submit()
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            k, a = pending.pop(done[0])
+            result = ray.get(done[0])
+            free.append(a)
+            submit()
+            yield k, result
+
+    def end_generation(self) -> None:
+        import ray
+
+        ray.get([a.end_generation.remote() for a in self.actors])
+
+    def close(self) -> None:
+        import ray
+
+        try:
+            ray.get([a.close.remote() for a in self.actors])
+            for a in self.actors:
+                ray.kill(a)
+        finally:
+            if self._own_ray:
+                ray.shutdown()

@@ -1,0 +1,272 @@
+"""The knowledge build with real transformers models: snapshot contents, resume after kill -9, incremental refresh,
+PCA spaces, the Ray engine, failing fast on bad data, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from fixtures_llm import tiny_model  # noqa: F401  (fixture)
+
+from offline.knowledge.backends.base import BackendConfig
+from offline.knowledge.build import Executor, KnowledgeConfig, run_build
+from shared.errors import DatasetError
+from shared.knowledge.snapshot import LATEST, MANIFEST, KnowledgeSnapshot
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def synth200(tmp_path_factory) -> Path:
+    from shared.dataset.folder import write_dataset
+    from shared.dataset.synth import SynthConfig, generate
+
+    out = tmp_path_factory.mktemp("synth200") / "data"
+    write_dataset(generate(SynthConfig(users=200, items_per_scenario=40, main_impressions=12, side_impressions=4)), out)
+    return out
+
+
+def _config(data, out, model, **kw) -> KnowledgeConfig:
+    backend = BackendConfig(model=str(model), dtype="float32", max_new_tokens=kw.pop("max_new_tokens", 6))
+    return KnowledgeConfig(data=str(data), out=str(out), backend=backend, progress=False, **kw)
+
+
+class CountingExecutor(Executor):
+    """The real hf executor, counting the texts it is asked to process per operation."""
+
+    def __init__(self, backend_config, counts: dict):
+        super().__init__(backend_config)
+        self.counts = counts
+
+    def map(self, op, shards, pooling):
+        self.counts[op] = self.counts.get(op, 0) + sum(len(s) for s in shards)
+        yield from super().map(op, shards, pooling)
+
+
+def test_build_writes_complete_snapshot(synth_dir, tiny_model, tmp_path):  # noqa: F811
+    result = run_build(_config(synth_dir, tmp_path / "kn", tiny_model, mode="generate", pooling="last"))
+    snap = KnowledgeSnapshot(tmp_path / "kn")
+    assert snap.path == result.path and (tmp_path / "kn" / LATEST).read_text().strip() == snap.version
+    users, items, scen = snap.users(), snap.items(), snap.scenarios()
+    inter = pd.read_csv(synth_dir / "interactions.csv", dtype=str)
+    assert sorted(users.ids) == sorted(inter.user_id.unique())
+    assert len(items.ids) == len(pd.read_csv(synth_dir / "items.csv")) and len(scen.ids) == 3
+    assert users.dim == items.dim == scen.dim == 32 and users.embeddings.dtype == np.float32
+    # generate mode keeps answers (a random model may answer with end-of-text at once: empty)
+    assert sum(bool(r) for r in users.responses) > len(users.ids) // 2, users.responses[:5]
+    assert not any(items.responses)  # items are embedded in encode mode
+    assert np.allclose(snap.default_user(), users.embeddings.mean(0), atol=1e-6)
+    m = snap.manifest
+    assert m.space.mode == "generate" and m.space.pooling == "last" and m.space.model == "model"
+    assert m.computed["users"] == len(users.ids) and m.reused["users"] == 0
+    assert not (result.path / "_work").exists()
+    # Different users get different vectors (the prompts differ).
+    assert np.unique(users.embeddings.round(5), axis=0).shape[0] == len(users.ids)
+
+
+def test_malformed_dataset_fails_before_any_llm_call(synth_dir, tiny_model, tmp_path):  # noqa: F811
+    bad = tmp_path / "bad"
+    shutil.copytree(synth_dir, bad)
+    inter = (bad / "interactions.csv").read_text().splitlines()
+    cols = inter[1].split(",")
+    cols[2] = "no_such_scenario"
+    inter[1] = ",".join(cols)
+    (bad / "interactions.csv").write_text("\n".join(inter) + "\n")
+
+    def factory():
+        raise AssertionError("an LLM executor was created for a malformed dataset")
+
+    with pytest.raises(DatasetError) as err:
+        run_build(_config(bad, tmp_path / "kn", tiny_model), executor_factory=factory)
+    assert "interactions.csv" in str(err.value) and "no_such_scenario" in str(err.value)
+    assert not (tmp_path / "kn").exists() or not any((tmp_path / "kn").iterdir())
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm4msr_cli", "knowledge", "build", "--data", str(bad), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "interactions.csv" in proc.stderr and "line 2" in proc.stderr
+
+
+def test_incremental_recomputes_only_changed_users(synth200, tiny_model, tmp_path):  # noqa: F811
+    out = tmp_path / "kn"
+    first = run_build(_config(synth200, out, tiny_model))
+    parent = KnowledgeSnapshot(first.path)
+
+    data2 = tmp_path / "data2"
+    shutil.copytree(synth200, data2)
+    inter = pd.read_csv(data2 / "interactions.csv", dtype=str, keep_default_na=False)
+    changed = sorted(inter.user_id.unique())[:2]  # 1% of 200 users
+    # each loses its oldest click (a train positive, so its prompt changes)
+    drop = [inter.index[(inter.user_id == u) & (inter.label == "1")][0] for u in changed]
+    inter.drop(index=drop).to_csv(data2 / "interactions.csv", index=False)
+
+    counts: dict = {}
+    cfg = _config(data2, out, tiny_model)
+    second = run_build(cfg, executor_factory=lambda: CountingExecutor(cfg.backend, counts))
+    m = second.manifest
+    assert m.parent_version == parent.version
+    assert m.computed == {"scenarios": 0, "users": 2, "items": 0}
+    assert m.reused["users"] == 198
+    assert counts == {"embed": 2}  # the LLM saw exactly the two changed users
+    child = KnowledgeSnapshot(second.path)
+    for u in sorted(set(parent.users().ids) - set(changed))[:50]:
+        assert np.array_equal(child.users().lookup([u])[0], parent.users().lookup([u])[0])
+    # The recomputed vectors are what a full build gives.
+    full = run_build(_config(data2, tmp_path / "full", tiny_model))
+    fresh = KnowledgeSnapshot(full.path).users().lookup(changed)[0]
+    assert np.allclose(child.users().lookup(changed)[0], fresh, atol=1e-5)
+    assert not np.allclose(child.users().lookup(changed)[0], parent.users().lookup(changed)[0], atol=1e-3)
+
+
+def test_kill_9_then_resume_equals_uninterrupted(synth200, tiny_model, tmp_path):  # noqa: F811
+    from llm4msr_cli import build_parser
+    from offline.knowledge.cli import config_from_args
+
+    out = tmp_path / "killed"
+    argv = [
+        "knowledge",
+        "build",
+        "--data",
+        str(synth200),
+        "--model",
+        str(tiny_model),
+        "--dtype",
+        "float32",
+        "--mode",
+        "generate",
+        "--max-new-tokens",
+        "24",
+        "--shard-size",
+        "4",
+        "--no-progress",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llm4msr_cli", *argv, "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if len(list(out.glob("*/_work/users-gen-*.parquet"))) >= 3:
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "the build ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not list(out.glob(f"*/{MANIFEST}")), "killed build must not be visible"
+    finished_before = {p.name for p in out.glob("*/_work/*.parquet")}
+    assert finished_before
+
+    recomputed = []
+    args = build_parser().parse_args([*argv, "--out", str(out)])
+    resumed = run_build(config_from_args(args), on_shard=lambda lvl, ph, k: recomputed.append(f"{lvl}-{ph}-{k:05d}"))
+    assert not finished_before & {f"{name}.parquet" for name in recomputed}, "finished shards were recomputed"
+    assert len(list(out.iterdir())) == 2  # one version + LATEST
+
+    args = build_parser().parse_args([*argv, "--out", str(tmp_path / "clean")])
+    clean = run_build(config_from_args(args))
+    a, b = KnowledgeSnapshot(resumed.path), KnowledgeSnapshot(clean.path)
+    for level in ("scenarios", "users", "items"):
+        ta, tb = a.table(level), b.table(level)
+        assert ta.ids == tb.ids and len(set(ta.ids)) == len(ta.ids)
+        assert ta.responses == tb.responses
+        assert np.array_equal(ta.embeddings, tb.embeddings)
+
+
+def test_pca_space_is_reused_by_refresh(synth_dir, tiny_model, tmp_path):  # noqa: F811
+    first = run_build(_config(synth_dir, tmp_path / "kn", tiny_model, reduce_dim=8))
+    snap = KnowledgeSnapshot(first.path)
+    assert snap.users().dim == 8 and snap.space.dim == 8 and snap.space.raw_dim == 32
+    assert snap.space.reducer_sha256 and (first.path / "reducer.safetensors").exists()
+    second = run_build(_config(synth_dir, tmp_path / "kn", tiny_model, reduce_dim=8))
+    assert second.manifest.space.id == snap.space.id and second.manifest.computed["users"] == 0
+    third = run_build(_config(synth_dir, tmp_path / "kn", tiny_model, reduce_dim=8, new_space=True))
+    assert third.manifest.computed["users"] == len(snap.users().ids) and third.manifest.parent_version is None
+
+
+def test_ray_engine_matches_local(synth_dir, tiny_model, tmp_path):  # noqa: F811
+    ray = pytest.importorskip("ray")
+    local = run_build(_config(synth_dir, tmp_path / "local", tiny_model, shard_size=16))
+    try:
+        distributed = run_build(
+            _config(synth_dir, tmp_path / "ray", tiny_model, shard_size=16, engine="ray", ray_workers=2)
+        )
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    a, b = KnowledgeSnapshot(local.path), KnowledgeSnapshot(distributed.path)
+    assert b.manifest.extra["engine"] == "ray"
+    for level in ("users", "items", "scenarios"):
+        assert a.table(level).ids == b.table(level).ids
+        assert np.allclose(a.table(level).embeddings, b.table(level).embeddings, atol=1e-5)
+
+
+def test_cli_build_and_show_with_smollm2(tmp_path):
+    """The embedded default model end to end (a few users, so that it stays quick)."""
+    from shared.dataset.folder import write_dataset
+    from shared.dataset.synth import SynthConfig, generate
+
+    data = tmp_path / "data"
+    write_dataset(generate(SynthConfig(users=8, items_per_scenario=6, main_impressions=6, side_impressions=2)), data)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llm4msr_cli",
+            "knowledge",
+            "build",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "kn"),
+            "--threads",
+            "2",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "users 8 (8 computed, 0 reused)" in run.stdout
+    snap = KnowledgeSnapshot(tmp_path / "kn")
+    assert snap.users().dim == 576 and snap.space.model == "SmolLM2-135M-Instruct.Q4_1"
+    user = snap.users().ids[0]
+    show = subprocess.run(
+        [sys.executable, "-m", "llm4msr_cli", "knowledge", "show", str(tmp_path / "kn"), "--user", user],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
+    assert show.returncode == 0, show.stderr
+    assert "--- prompt ---" in show.stdout and "interests in each scenario" in show.stdout
+    norm = float(np.linalg.norm(snap.users().lookup([user])[0][0]))
+    assert f"norm {norm:.4f}" in show.stdout
+    manifest = json.loads((snap.path / MANIFEST).read_text())
+    assert (
+        manifest["space"]["template_sha256"]
+        == __import__("offline.knowledge.prompts").knowledge.prompts.template_sha256()
+    )
