@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from shared.knowledge.snapshot import (
 )
 
 
+@functools.lru_cache(maxsize=200_000)
 def _word_vec(word: str, dim: int) -> np.ndarray:
     seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little")
     return np.random.default_rng(seed).normal(size=dim).astype(np.float32)
