@@ -47,9 +47,9 @@ class CountingExecutor(Executor):
         super().__init__(backend_config)
         self.counts = counts
 
-    def map(self, op, shards, pooling):
+    def map(self, op, shards, pooling, progress=None):
         self.counts[op] = self.counts.get(op, 0) + sum(len(s) for s in shards)
-        yield from super().map(op, shards, pooling)
+        yield from super().map(op, shards, pooling, progress)
 
 
 def test_build_writes_complete_snapshot(synth_dir, tiny_model, tmp_path):  # noqa: F811

@@ -138,13 +138,16 @@ class Executor:
 
         self.backend = make_backend(backend_config)
 
-    def map(self, op: str, shards: list[list[str]], pooling: str):
-        """Yields (shard index, result) as shards finish; result is list[str] (generate) or ndarray (embed)."""
+    def map(self, op: str, shards: list[list[str]], pooling: str, progress=None):
+        """Yields (shard index, result) as shards finish; result is list[str] (generate) or ndarray (embed).
+
+        progress(n) is called as texts finish (per batch here, per shard on Ray).
+        """
         for k, texts in enumerate(shards):
             if op == "generate":
-                yield k, self.backend.generate(texts)
+                yield k, self.backend.generate(texts, progress=progress)
             else:
-                yield k, self.backend.embed(texts, pooling)
+                yield k, self.backend.embed(texts, pooling, progress=progress)
 
     def end_generation(self) -> None:
         self.backend.end_generation()
@@ -449,7 +452,7 @@ def run_build(
         start = time.perf_counter()
         op = "generate" if phase == "gen" else "embed"
         texts = [texts_of(plan[k]) for k in todo]
-        for n, result in get_executor().map(op, texts, config.pooling):
+        for n, result in get_executor().map(op, texts, config.pooling, progress=bar.update):
             k = todo[n]
             rows = plan[k]
             ids = [work.ids[i] for i in rows]
@@ -462,7 +465,6 @@ def run_build(
                 _write_shard(_shard_path(work_dir, work.level, phase, k), ids, responses, result)
                 for j, i in enumerate(rows):
                     results[i] = (responses[j], result[j])
-            bar.update(len(rows))
             if on_shard is not None:
                 on_shard(work.level, phase, k)
         bar.close()

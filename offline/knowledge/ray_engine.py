@@ -60,7 +60,7 @@ class RayExecutor(Executor):
         self.actors = [actor.remote(backend) for _ in range(max(1, config.ray_workers))]
         log.info("ray engine: %d workers", len(self.actors))
 
-    def map(self, op: str, shards: list[list[str]], pooling: str):
+    def map(self, op: str, shards: list[list[str]], pooling: str, progress=None):
         """Keeps every actor busy with one shard at a time; yields shards as they finish."""
         import ray
 
@@ -81,6 +81,8 @@ class RayExecutor(Executor):
             result = ray.get(done[0])
             free.append(a)
             submit()
+            if progress is not None:
+                progress(len(shards[k]))
             yield k, result
 
     def end_generation(self) -> None:

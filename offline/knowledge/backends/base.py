@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+# Called with the number of texts just finished (drives the progress bar).
+Progress = Callable[[int], None]
 
 POOLINGS = ("mean", "last")
 MODES = ("generate", "encode")
@@ -50,11 +53,11 @@ class Backend(ABC):
     def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
 
     @abstractmethod
-    def generate(self, prompts: Sequence[str]) -> list[str]:
-        """Greedy (deterministic) answers, max_new_tokens each."""
+    def generate(self, prompts: Sequence[str], progress: Progress | None = None) -> list[str]:
+        """Greedy (deterministic) answers, max_new_tokens each; progress(n) after each finished batch."""
 
     @abstractmethod
-    def embed(self, texts: Sequence[str], pooling: str) -> np.ndarray: ...
+    def embed(self, texts: Sequence[str], pooling: str, progress: Progress | None = None) -> np.ndarray: ...
 
     def end_generation(self) -> None:  # noqa: B027 (optional hook)
         """Called when no more generate calls follow (lets vllm free the generating engine)."""

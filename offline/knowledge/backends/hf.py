@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from offline.knowledge.backends.base import POOLINGS, Backend, BackendConfig
+from offline.knowledge.backends.base import POOLINGS, Backend, BackendConfig, Progress
 from offline.knowledge.models import resolve_model
 from shared.errors import UserFacingError
 
@@ -69,7 +69,7 @@ class HFBackend(Backend):
         for start in range(0, len(order), bs):
             yield order[start : start + bs]
 
-    def embed(self, texts: Sequence[str], pooling: str) -> np.ndarray:
+    def embed(self, texts: Sequence[str], pooling: str, progress: Progress | None = None) -> np.ndarray:
         import torch
 
         if pooling not in POOLINGS:
@@ -93,9 +93,11 @@ class HFBackend(Backend):
                     last = enc["attention_mask"].sum(1) - 1
                     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
                 out[idx] = pooled.cpu().numpy()
+                if progress is not None:
+                    progress(len(idx))
         return out
 
-    def generate(self, prompts: Sequence[str]) -> list[str]:
+    def generate(self, prompts: Sequence[str], progress: Progress | None = None) -> list[str]:
         import torch
 
         texts = (
@@ -122,5 +124,7 @@ class HFBackend(Backend):
                 new = gen[:, enc["input_ids"].shape[1] :]
                 for j, i in enumerate(idx):
                     answers[i] = self.tokenizer.decode(new[j], skip_special_tokens=True).strip()
+                if progress is not None:
+                    progress(len(idx))
         self.tokenizer.padding_side = "right"
         return answers

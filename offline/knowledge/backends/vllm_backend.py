@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from offline.knowledge.backends.base import POOLINGS, Backend, BackendConfig
+from offline.knowledge.backends.base import POOLINGS, Backend, BackendConfig, Progress
 from offline.knowledge.backends.hf import apply_chat_template
 from offline.knowledge.models import resolve_model
 from shared.errors import UserFacingError
@@ -145,7 +145,7 @@ class VLLMBackend(Backend):
             return []
         return [len(x) for x in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
-    def generate(self, prompts: Sequence[str]) -> list[str]:
+    def generate(self, prompts: Sequence[str], progress: Progress | None = None) -> list[str]:
         if not prompts:
             return []
         if self._gen is None:
@@ -155,6 +155,8 @@ class VLLMBackend(Backend):
             [apply_chat_template(self.tokenizer, p) for p in prompts] if self.config.chat_template else list(prompts)
         )
         out = self._gen.call({"op": "generate", "texts": texts, "max_tokens": self.config.max_new_tokens})
+        if progress is not None:
+            progress(len(texts))
         return [t.strip() for t in out["texts"]]
 
     def end_generation(self) -> None:
@@ -162,7 +164,7 @@ class VLLMBackend(Backend):
             self._gen.close()
             self._gen = None
 
-    def embed(self, texts: Sequence[str], pooling: str) -> np.ndarray:
+    def embed(self, texts: Sequence[str], pooling: str, progress: Progress | None = None) -> np.ndarray:
         if pooling not in POOLINGS:
             raise UserFacingError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
         if not texts:
@@ -172,6 +174,8 @@ class VLLMBackend(Backend):
             self._pool[pooling] = _Engine(self.python, self._cfg("pool", pooling), self._env())
         out = self._pool[pooling].call({"op": "embed", "texts": list(texts)})
         arr = np.frombuffer(base64.b64decode(out["b64"]), dtype="<f4").astype(np.float32)
+        if progress is not None:
+            progress(len(texts))
         return arr.reshape(len(texts), out["dim"])
 
     def _close_pools(self) -> None:
