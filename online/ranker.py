@@ -7,7 +7,6 @@ started on the old model finishes on it.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +40,10 @@ class Ranker:
     needs_levels: frozenset[str]
     backbone: str
     loaded_at: float = field(default_factory=time.time)
-    _forward_gate: threading.BoundedSemaphore | None = None
     _known_items: frozenset[str] = frozenset()
 
     @classmethod
-    def load(cls, artifact_dir: str | Path, max_concurrent_forwards: int = 2) -> Ranker:
+    def load(cls, artifact_dir: str | Path) -> Ranker:
         from shared.artifact import load_artifact
         from shared.scoring import RequestScorer
 
@@ -66,7 +64,6 @@ class Ranker:
             scenarios=tuple(cfg.scenarios),
             needs_levels=needs,
             backbone=str(getattr(cfg, "backbone", "")),
-            _forward_gate=threading.BoundedSemaphore(max_concurrent_forwards),
             _known_items=frozenset(vocab.tokens) if (vocab := scorer.encoder.vocabs.get("item_id")) else frozenset(),
         )
         ranker.warm_up()
@@ -104,15 +101,8 @@ class Ranker:
         """One batched forward for all candidates (the meta layers are generated once per request)."""
         import torch
 
-        gate = self._forward_gate
-        if gate is not None:
-            gate.acquire()
-        try:
-            with torch.inference_mode():
-                scores = self.scorer.score(scenario, user_id, item_ids, knowledge, features=features)
-        finally:
-            if gate is not None:
-                gate.release()
+        with torch.inference_mode():
+            scores = self.scorer.score(scenario, user_id, item_ids, knowledge, features=features)
         return np.asarray(scores, dtype=np.float32).reshape(-1)
 
     def warm_up(self) -> None:
