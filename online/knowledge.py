@@ -248,12 +248,11 @@ class KnowledgeStore:
     def _items_from_memory(kv: KnowledgeVersion, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         pos = kv.items.positions(item_ids)
         found = pos >= 0
+        if found.all():
+            return kv.items.matrix.take(pos, axis=0), found  # one gather, no extra copy
         # NaN = "no vector": the model substitutes the level's average (same as offline evaluation).
         out = np.full((len(item_ids), kv.dim), np.nan, dtype=np.float32)
-        if found.all():
-            out[:] = kv.items.matrix[pos]
-        else:
-            out[found] = kv.items.matrix[pos[found]]
+        out[found] = kv.items.matrix[pos[found]]
         return out, found
 
 
@@ -402,9 +401,13 @@ class RedisKnowledgeStore(KnowledgeStore):
         try:
             raw = self.slow.get(keys.CURRENT)
         except redis.RedisError as exc:
+            # Not fatal even at start: the ranker stays unready (/readyz 503) and keeps polling, so that it can
+            # start before Redis does (compose, Kubernetes) and comes up by itself.
             self._mark_down(exc)
             if initial:
-                raise UserFacingError(f"cannot read {keys.CURRENT} from Redis at {self.url}: {exc}") from exc
+                log.warning(
+                    "cannot read %s from Redis at %s (%s); not ready until it answers", keys.CURRENT, self.url, exc
+                )
             return
         self._mark_up()
         if raw is None:
@@ -424,7 +427,7 @@ class RedisKnowledgeStore(KnowledgeStore):
         except redis.RedisError as exc:
             self._mark_down(exc)
             if initial:
-                raise UserFacingError(f"cannot load knowledge {version} from Redis: {exc}") from exc
+                log.warning("cannot load knowledge %s from Redis (%s); not ready until it can", version, exc)
             return
         if self._install(kv, initial):
             self.cache.drop_version({kv.version})

@@ -121,3 +121,19 @@ def test_redis_store_refuses_other_space(kn_root, redis_server):
         assert store.version_name() == "v1"
     finally:
         store.stop()
+
+
+def test_redis_store_starts_before_redis(kn_root, redis_server):
+    """Redis not there yet at start: not ready (no crash), then ready by itself once knowledge is published."""
+    redis_server.stop()
+    store = RedisKnowledgeStore(redis_server.url, make_space().id, poll_interval_s=0.1, retry_s=0.1)
+    store.start()
+    try:
+        assert not store.ready and not store.redis_up
+        redis_server.start()
+        time.sleep(0.3)
+        assert not store.ready  # Redis answers, nothing published yet
+        publish(kn_root / "v1", redis_server.url)
+        assert wait_for(lambda: store.ready and store.version_name() == "v1")
+    finally:
+        store.stop()

@@ -66,7 +66,8 @@ def test_version_flip_during_stream(world, redis_server, tmp_path):
     srv = start_server(
         ["--artifact", str(world.artifacts["llm4msr-item"]), "--redis-url", redis_server.url],
         tmp_path / "server.log",
-        env={"LLM4MSR_POLL_INTERVAL_S": "0.2"},
+        # The inline executor mode here (the other tests use the default thread mode).
+        env={"LLM4MSR_POLL_INTERVAL_S": "0.2", "LLM4MSR_RANK_EXECUTOR": "inline"},
     )
     try:
         items = world.items[:40]
