@@ -53,6 +53,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     log.info("converting %s to safetensors in %s (once)", gguf.name, out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # a shared cache: readable by other users of the machine
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
