@@ -204,6 +204,11 @@ def create_app(settings: ServeSettings | None = None, state: ServingState | None
             kv = st.store.current() if st.store is not None else None
             if kv is None:
                 raise HTTPProblem(503, "knowledge not loaded yet (nothing published?); see /readyz")
+            if kv.space_id != ranker.knowledge_space_id:
+                # An admin reload is swapping model and knowledge of a new space right now: take the new pair.
+                ranker, kv = st.ranker, st.store.current()
+                if kv is None or kv.space_id != ranker.knowledge_space_id:
+                    raise HTTPProblem(503, "model and knowledge are being swapped; retry")
         t1 = time.perf_counter()
         m.stage_children["decode"].observe(t1 - t0)
         m.candidates.observe(n)
@@ -502,11 +507,15 @@ def _features(req: dict) -> dict[str, list] | None:
 def _reload(st: ServingState, artifact: str) -> None:
     with st.reload_lock:
         new = Ranker.load(artifact)
-        if st.store is not None and new.uses_knowledge:
-            st.store.set_expected_space(new.knowledge_space_id)
-            st.store.refresh()
-        elif st.store is None and new.uses_knowledge:
+        if new.uses_knowledge and st.store is None:
             raise UserFacingError("the new model needs knowledge but the service was started without any")
-        st.ranker = new
+
+        def swap() -> None:
+            st.ranker = new
+
+        if st.store is not None and new.uses_knowledge:
+            st.store.adopt_space(new.knowledge_space_id, swap)
+        else:
+            swap()
         st.publish_versions()
         log.info("admin reload: now serving model %s", new.model_version)

@@ -195,16 +195,39 @@ class KnowledgeStore:
             )
         return None
 
-    def set_expected_space(self, space_id: str | None) -> None:
-        """Admin reload of an artifact: the new model must match the knowledge being served."""
+    def adopt_space(self, space_id: str | None, swap: Callable[[], None]) -> None:
+        """Admin reload of a model: make the store serve knowledge of `space_id`, then call `swap` (which installs
+        the new model) right after, so that model and knowledge change together.
+
+        When the served version is of another space (a retrain on a new knowledge space: the refresh job published
+        new-space knowledge, which the old model refused), the published version is loaded and must match.
+        """
         cur = self._current
-        if cur is not None and space_id is not None and cur.space_id != space_id:
+        if space_id is None or (cur is not None and cur.space_id == space_id):
+            self.expected_space_id = space_id if space_id is not None else self.expected_space_id
+            self.refused.clear()
+            swap()
+            return
+        kv = self.load_published()
+        if kv is None:
+            raise UserFacingError(f"no published knowledge to serve the new model (space {space_id})")
+        if kv.space_id != space_id:
             raise UserFacingError(
-                f"artifact knowledge space {space_id} differs from the served knowledge "
-                f"{cur.version} (space {cur.space_id})"
+                f"the new model needs knowledge space {space_id}, but the published knowledge {kv.version} is "
+                f"space {kv.space_id}; publish the knowledge the model was trained on first"
             )
         self.expected_space_id = space_id
         self.refused.clear()
+        self._current = kv
+        swap()
+        self.swaps += 1
+        log.info("knowledge swapped to %s (space %s) with the new model", kv.version, space_id)
+        if self.on_swap is not None:
+            self.on_swap(kv)
+
+    def load_published(self) -> KnowledgeVersion | None:
+        """The version readers should see now, loaded but not installed."""
+        raise NotImplementedError
 
     def _install(self, kv: KnowledgeVersion, initial: bool) -> bool:
         why = self.check_space(kv.manifest)
@@ -284,6 +307,9 @@ class SnapshotKnowledgeStore(KnowledgeStore):
         if not initial and target.name in self.refused:
             return
         self._install(self.load(target), initial)
+
+    def load_published(self) -> KnowledgeVersion | None:
+        return self.load(self._target())
 
     @staticmethod
     def load(path: Path) -> KnowledgeVersion:
@@ -431,6 +457,15 @@ class RedisKnowledgeStore(KnowledgeStore):
             return
         if self._install(kv, initial):
             self.cache.drop_version({kv.version})
+
+    def load_published(self) -> KnowledgeVersion | None:
+        import redis
+
+        try:
+            raw = self.slow.get(keys.CURRENT)
+            return None if raw is None else self.load(raw.decode())
+        except redis.RedisError as exc:
+            raise UserFacingError(f"cannot read the published knowledge from Redis: {exc}") from exc
 
     def _scan_ids(self, version: str, level: str) -> list[str]:
         prefix = keys.vector_key(version, level, "")

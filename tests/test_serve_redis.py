@@ -198,3 +198,49 @@ def test_artifact_of_other_space_is_refused(world, redis_server, tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2 and "knowledge space" in proc.stderr
+
+
+def test_admin_reload_moves_to_a_new_knowledge_space(world, redis_server, tmp_path):
+    """The refresh job's rollout: knowledge of a new space is published (the running model refuses it), a model
+    trained on it is loaded by POST /admin/reload, and model and knowledge switch together."""
+    from tests.fixtures_models import train_tiny_artifact
+
+    publish(world.snapshot_dir, redis_server.url)
+    srv = start_server(
+        ["--artifact", str(world.artifacts["llm4msr-item"]), "--redis-url", redis_server.url],
+        tmp_path / "server.log",
+        env={"LLM4MSR_POLL_INTERVAL_S": "0.2", "LLM4MSR_ADMIN_TOKEN": "tok"},
+    )
+    auth = {"Authorization": "Bearer tok"}
+    try:
+        body = rank_body(world.users[0], world.scenarios[0], world.items[:20])
+        v9 = write_snapshot(
+            world.knowledge_root,
+            "v9",
+            world.scenarios,
+            world.users,
+            world.items,
+            make_space(dim=4, model="another-llm"),
+            seed=5,
+            split_fingerprint=world.split.fingerprint(),
+        )
+        publish(v9, redis_server.url)
+        assert wait_until(lambda: "v9" in httpx.get(f"{srv.url}/readyz").json()["knowledge"]["refused_versions"])
+        assert httpx.post(f"{srv.url}/rank", json=body).json()["knowledge_version"] == "v1"  # refused, still v1
+
+        new_model = train_tiny_artifact(
+            world.data_dir, v9, tmp_path / "artifact-v9", levels=("scenario", "user"), epochs=1, batch_size=512
+        )
+        r = httpx.post(f"{srv.url}/admin/reload", headers=auth, json={"artifact": str(new_model)}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["knowledge_version"] == "v9"
+        out = httpx.post(f"{srv.url}/rank", json=body).json()
+        assert out["knowledge_version"] == "v9" and out["model_version"] == r.json()["model_version"]
+        # The old model cannot come back while the published knowledge is of the new space.
+        r = httpx.post(
+            f"{srv.url}/admin/reload", headers=auth, json={"artifact": str(world.artifacts["llm4msr-item"])}, timeout=60
+        )
+        assert r.status_code == 422 and "space" in r.json()["detail"]
+        assert httpx.post(f"{srv.url}/rank", json=body).json()["knowledge_version"] == "v9"
+    finally:
+        srv.stop()
