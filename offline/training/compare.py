@@ -204,9 +204,13 @@ def _plot_auc(out: Path, table: dict, backbones: list[str], variants: list[str],
     import matplotlib.pyplot as plt
 
     panels = ["overall", *scenarios]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 4 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
     width = 0.8 / max(1, len(variants))
-    for ax, panel in zip(axes[0], panels):
+    for ax, panel in zip(axes.flat, panels):
         lo = 1.0
         for j, v in enumerate(variants):
             means, errs = [], []
