@@ -2,15 +2,17 @@
 
 What it does:
 1. builds a synthetic world (dataset, split, a knowledge snapshot with seeded vectors of SmolLM2's hidden size
-   576 unless --dim says otherwise, a plain STAR backbone and an LLM4MSR-STAR model using the scenario, user and
-   item levels), or uses --artifact-plain/--artifact-llm/--knowledge given on the command line;
-2. for each model: starts `llm4msr serve` as a subprocess, then drives POST /rank from separate load-generator
-   processes (one per concurrent client, persistent connection, TCP_NODELAY, each request in one write), for every
-   (candidates, clients) cell, bounded by --requests per client and --duration seconds;
+   576 unless --dim says otherwise) and trains three STAR models on it: `plain` (the backbone alone), `llm4msr`
+   (the paper's scenario- and user-level meta layers) and `llm4msr-item` (plus the item level); or uses
+   --artifact-plain/--artifact-llm/--knowledge given on the command line;
+2. starts one `llm4msr serve` subprocess per model and drives POST /rank from separate load-generator processes
+   (one per concurrent client, persistent connection, TCP_NODELAY, each request in one write) for every
+   (candidates, clients) cell, alternating between the models in --rounds short rounds so that background load on
+   a shared machine affects them alike; bounded by --requests per client and --duration seconds per cell and model;
 3. answers the same request by running the embedded LLM (SmolLM2-135M) at request time: the user prompt is built
    from the user's history and embedded (encode mode; and with --llm-generate, generated then embedded, the paper's
    mode), then the same model scores the candidates;
-4. prints p50/p95/p99 latency and requests/s per cell side by side, the LLM4MSR/plain p99 ratio and the
+4. prints p50/p95/p99 latency and requests/s per cell side by side, the LLM4MSR/plain p99 ratios and the
    request-time-LLM/LLM4MSR p50 ratio; --json OUT writes everything, --plots DIR writes PNG latency plots.
 
 Example: python bench/serve_bench.py --json /tmp/serve_bench.json --plots /tmp/serve_plots
@@ -119,20 +121,32 @@ def run_cell(port: int, bodies: list[bytes], clients: int, requests: int, warmup
     results = [out.get(timeout=duration + 120) for _ in procs]
     for p in procs:
         p.join(timeout=10)
-    lat = np.array([x for r in results for x in r["lat"]])
-    starts = np.array([x for r in results for x in r["starts"]])
-    statuses = [s for r in results for s in r["statuses"]]
-    elapsed = max(r["elapsed"] for r in results)
     return {
-        "n": int(len(lat)),
-        "errors": int(sum(1 for s in statuses if s != 200)),
-        "p50_ms": float(np.percentile(lat, 50) * 1e3),
-        "p95_ms": float(np.percentile(lat, 95) * 1e3),
-        "p99_ms": float(np.percentile(lat, 99) * 1e3),
-        "mean_ms": float(lat.mean() * 1e3),
-        "rps": float(len(lat) / elapsed),
-        "latencies_ms": (lat * 1e3).round(4).tolist(),
-        "starts_s": starts.round(4).tolist(),
+        "lat": [x for r in results for x in r["lat"]],
+        "starts": [x for r in results for x in r["starts"]],
+        "errors": sum(1 for r in results for s in r["statuses"] if s != 200),
+        "elapsed": max(r["elapsed"] for r in results),
+    }
+
+
+def summarize(parts: list[dict]) -> dict:
+    """Pools the rounds of one cell (start times laid end to end)."""
+    lat, starts, offset = [], [], 0.0
+    for part in parts:
+        lat.extend(part["lat"])
+        starts.extend(s + offset for s in part["starts"])
+        offset += part["elapsed"]
+    arr = np.array(lat)
+    return {
+        "n": int(len(arr)),
+        "errors": int(sum(p["errors"] for p in parts)),
+        "p50_ms": float(np.percentile(arr, 50) * 1e3),
+        "p95_ms": float(np.percentile(arr, 95) * 1e3),
+        "p99_ms": float(np.percentile(arr, 99) * 1e3),
+        "mean_ms": float(arr.mean() * 1e3),
+        "rps": float(len(arr) / offset),
+        "latencies_ms": (arr * 1e3).round(4).tolist(),
+        "starts_s": np.array(starts).round(4).tolist(),
     }
 
 
@@ -140,11 +154,14 @@ def run_cell(port: int, bodies: list[bytes], clients: int, requests: int, warmup
 # World, server
 
 
-def build_world(work: Path, users: int, items_per_scenario: int, dim: int, epochs: int) -> dict:
+def build_world(work: Path, users: int, items_per_scenario: int, dim: int, epochs: int, variants: list[str]) -> dict:
+    import shutil
+
     from tests.fixtures_serving import build_world as build
 
+    shutil.rmtree(work, ignore_errors=True)  # a fresh world each run (artifact formats change with the code)
     t0 = time.perf_counter()
-    world = build(work, users=users, dim=dim, epochs=epochs, items_per_scenario=items_per_scenario)
+    world = build(work, users=users, dim=dim, epochs=epochs, items_per_scenario=items_per_scenario, variants=variants)
     print(
         f"built synthetic world in {time.perf_counter() - t0:.1f}s: {len(world.users)} users, "
         f"{len(world.items)} items, {len(world.scenarios)} scenarios, knowledge dim {dim}",
@@ -285,7 +302,7 @@ def request_time_llm(
     results = {"how": how, "load_s": round(load_s, 2)}
 
     def one(user: str, mode: str) -> tuple[float, int]:
-        cands = rng.sample(world["items"], n_candidates)
+        cands = rng.sample(world["items"], min(n_candidates, len(world["items"])))
         t0 = time.perf_counter()
         text = prompts[user]
         if mode == "generate":
@@ -354,30 +371,33 @@ def _plain_transformers(dataset, split, users, threads):
 def print_table(cells: list[dict]) -> None:
     by = {(c["variant"], c["candidates"], c["clients"]): c for c in cells}
     keys = sorted({(c["candidates"], c["clients"]) for c in cells})
-    variants = [v for v in ("plain", "llm4msr") if any(c["variant"] == v for c in cells)]
-    head = (
+    variants = list(dict.fromkeys(c["variant"] for c in cells))
+    others = [v for v in variants if v != "plain"] if "plain" in variants else []
+    width = 31
+    print(
         f"{'cands':>5} {'clients':>7} | "
-        + " | ".join(f"{v:^38}" for v in variants)
-        + (" | p99 ratio" if len(variants) == 2 else "")
+        + " | ".join(f"{v:^{width}}" for v in variants)
+        + "".join(f" | p99 {v}/plain" for v in others)
     )
-    sub = f"{'':>5} {'':>7} | " + " | ".join(
-        f"{'p50':>7} {'p95':>7} {'p99':>7} {'req/s':>7} {'err':>5}" for _ in variants
+    print(
+        f"{'':>5} {'':>7} | "
+        + " | ".join(f"{'p50':>6} {'p95':>6} {'p99':>6} {'req/s':>6} {'err':>3}" for _ in variants)
     )
-    print(head)
-    print(sub + " |  ms, llm4msr/plain" if len(variants) == 2 else sub)
     for n, c in keys:
         parts = []
         for v in variants:
             x = by.get((v, n, c))
             parts.append(
-                f"{x['p50_ms']:7.2f} {x['p95_ms']:7.2f} {x['p99_ms']:7.2f} {x['rps']:7.0f} {x['errors']:5d}"
+                f"{x['p50_ms']:6.2f} {x['p95_ms']:6.2f} {x['p99_ms']:6.2f} {x['rps']:6.0f} {x['errors']:3d}"
                 if x
-                else " " * 38
+                else " " * width
             )
-        ratio = ""
-        if len(variants) == 2 and by.get(("plain", n, c)) and by.get(("llm4msr", n, c)):
-            ratio = f" | {by[('llm4msr', n, c)]['p99_ms'] / by[('plain', n, c)]['p99_ms']:9.2f}"
-        print(f"{n:>5} {c:>7} | " + " | ".join(parts) + ratio)
+        ratios = ""
+        for v in others:
+            if by.get(("plain", n, c)) and by.get((v, n, c)):
+                r = by[(v, n, c)]["p99_ms"] / by[("plain", n, c)]["p99_ms"]
+                ratios += f" | {r:{len(v) + 10}.2f}"
+        print(f"{n:>5} {c:>7} | " + " | ".join(parts) + ratios)
 
 
 def write_plots(cells: list[dict], out: Path) -> list[Path]:
@@ -391,7 +411,7 @@ def write_plots(cells: list[dict], out: Path) -> list[Path]:
     ncand = sorted({k[0] for k in keys})
     ncli = sorted({k[1] for k in keys})
     by = {(c["variant"], c["candidates"], c["clients"]): c for c in cells}
-    colors = {"plain": "tab:blue", "llm4msr": "tab:orange"}
+    colors = {"plain": "tab:blue", "llm4msr": "tab:orange", "llm4msr-item": "tab:green"}
     paths = []
 
     fig, axes = plt.subplots(len(ncand), len(ncli), figsize=(5 * len(ncli), 3.2 * len(ncand)), squeeze=False)
@@ -430,7 +450,8 @@ def write_plots(cells: list[dict], out: Path) -> list[Path]:
                     continue
                 starts = np.array(x["starts_s"])
                 lat = np.array(x["latencies_ms"])
-                edges = np.arange(0, starts.max() + 0.5, 0.5)
+                step = max(starts.max() / 20, 0.05)  # ~20 windows per cell
+                edges = np.arange(0, starts.max() + step, step)
                 mids, p50, p99 = [], [], []
                 for a, b in zip(edges[:-1], edges[1:], strict=True):
                     sel = lat[(starts >= a) & (starts < b)]
@@ -438,10 +459,10 @@ def write_plots(cells: list[dict], out: Path) -> list[Path]:
                         mids.append((a + b) / 2)
                         p50.append(np.percentile(sel, 50))
                         p99.append(np.percentile(sel, 99))
-                ax.plot(mids, p50, color=col, label=f"{v} p50")
-                ax.plot(mids, p99, color=col, linestyle="--", label=f"{v} p99")
+                ax.plot(mids, p50, color=col, marker=".", label=f"{v} p50")
+                ax.plot(mids, p99, color=col, marker=".", linestyle="--", label=f"{v} p99")
             ax.set_title(f"{n} candidates, {c} client(s)")
-            ax.set_xlabel("time (s), 0.5 s windows")
+            ax.set_xlabel("time since start of the cell (s), ~20 windows")
             ax.set_ylabel("ms")
             ax.legend(fontsize=7)
     fig.suptitle("POST /rank latency percentiles over time")
@@ -460,10 +481,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--candidates", default="100,500,1000", help="comma-separated candidate counts")
     ap.add_argument("--clients", default="1,4", help="comma-separated concurrent client counts")
-    ap.add_argument("--requests", type=int, default=600, help="requests per client per cell (upper bound)")
-    ap.add_argument("--duration", type=float, default=6.0, help="seconds per cell (upper bound)")
-    ap.add_argument("--warmup", type=int, default=20, help="unmeasured requests per client per cell")
-    ap.add_argument("--variants", default="plain,llm4msr")
+    ap.add_argument("--requests", type=int, default=900, help="requests per client per cell and variant (bound)")
+    ap.add_argument("--duration", type=float, default=6.0, help="seconds per cell and variant (upper bound)")
+    ap.add_argument("--warmup", type=int, default=20, help="unmeasured requests per client per round")
+    ap.add_argument("--rounds", type=int, default=3, help="alternations between the variants per cell")
+    ap.add_argument(
+        "--variants",
+        default="plain,llm4msr,llm4msr-item",
+        help="plain = STAR alone; llm4msr = STAR + scenario and user knowledge (the paper); llm4msr-item = + item level",
+    )
     ap.add_argument("--users", type=int, default=300, help="synthetic world: users")
     ap.add_argument("--items-per-scenario", type=int, default=400, help="synthetic world: items per scenario")
     ap.add_argument("--dim", type=int, default=576, help="synthetic knowledge dimension (SmolLM2 hidden size)")
@@ -473,20 +499,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--knowledge", help="knowledge snapshot for --artifact-llm")
     ap.add_argument("--torch-threads", type=int, default=1, help="server torch threads")
     ap.add_argument("--llm-encode", type=int, default=5, help="request-time LLM requests, encode mode (0 = skip)")
-    ap.add_argument("--llm-generate", type=int, default=2, help="request-time LLM requests, generate mode")
+    ap.add_argument("--llm-generate", type=int, default=1, help="request-time LLM requests, generate mode")
     ap.add_argument("--llm-candidates", type=int, default=500)
+    ap.add_argument("--llm-threads", type=int, default=1, help="torch threads of the request-time LLM")
+    ap.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="priority change for the bench, its servers and clients (e.g. -10 as root: isolates the measurement "
+        "from niced background jobs on a shared machine)",
+    )
     ap.add_argument("--work", help="working folder (default: a temp dir)")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--plots", help="write PNG plots into this folder")
     args = ap.parse_args(argv)
 
+    load_before = os.getloadavg()[0]  # the machine's other work, before the bench adds its own
+    if args.nice:
+        os.nice(args.nice)
     cands = [int(x) for x in args.candidates.split(",")]
     clients = [int(x) for x in args.clients.split(",")]
     variants = args.variants.split(",")
     work = Path(args.work or tempfile.mkdtemp(prefix="serve_bench_"))
     work.mkdir(parents=True, exist_ok=True)
 
-    world = build_world(work / "world", args.users, args.items_per_scenario, args.dim, args.epochs)
+    world = build_world(work / "world", args.users, args.items_per_scenario, args.dim, args.epochs, variants)
     artifacts = dict(world["artifacts"])
     knowledge = world["knowledge"]
     if args.artifact_plain:
@@ -497,24 +534,44 @@ def main(argv: list[str] | None = None) -> int:
 
     scenario = world["scenarios"][0]
     bodies = {n: make_bodies(world["users"], world["items"], scenario, n, 64, seed=n) for n in cands}
-    cells, stages = [], {}
-    for v in variants:
-        proc, port = start_server(
-            artifacts[v], knowledge if v != "plain" else None, work / f"server-{v}.log", args.torch_threads
-        )
-        try:
-            for n in cands:
-                for c in clients:
-                    cell = run_cell(port, bodies[n], c, args.requests, args.warmup, args.duration)
+    # All servers run side by side (an idle one costs no CPU) and every cell alternates between the variants in
+    # short rounds, so that background load on a shared machine hits all variants alike (fair ratios).
+    servers = {}
+    try:
+        for v in variants:
+            servers[v] = start_server(
+                artifacts[v], knowledge if v != "plain" else None, work / f"server-{v}.log", args.torch_threads
+            )
+        cells, stages = [], {}
+        for n in cands:
+            for c in clients:
+                parts: dict[str, list[dict]] = {v: [] for v in variants}
+                for r in range(args.rounds):
+                    order = variants[r % len(variants) :] + variants[: r % len(variants)]
+                    for v in order:
+                        parts[v].append(
+                            run_cell(
+                                servers[v][1],
+                                bodies[n],
+                                c,
+                                max(1, args.requests // args.rounds),
+                                args.warmup,
+                                args.duration / args.rounds,
+                            )
+                        )
+                for v in variants:
+                    cell = summarize(parts[v])
                     cell.update(variant=v, candidates=n, clients=c)
                     cells.append(cell)
                     print(
-                        f"{v:8s} {n:5d} cands {c} clients: p50 {cell['p50_ms']:.2f} p99 {cell['p99_ms']:.2f} ms, "
+                        f"{v:12s} {n:5d} cands {c} clients: p50 {cell['p50_ms']:.2f} p99 {cell['p99_ms']:.2f} ms, "
                         f"{cell['rps']:.0f} req/s, {cell['errors']} errors",
                         flush=True,
                     )
+        for v, (_, port) in servers.items():
             stages[v] = stage_means(port)
-        finally:
+    finally:
+        for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=15)
 
@@ -526,13 +583,14 @@ def main(argv: list[str] | None = None) -> int:
             args.llm_candidates,
             args.llm_encode,
             args.llm_generate,
-            threads=2,
+            threads=args.llm_threads,
         )
 
     print()
     print(
         f"POST /rank over loopback HTTP, latency in ms ({platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, server torch threads {args.torch_threads})"
+        f"{os.cpu_count()} cores, server torch threads {args.torch_threads}, nice {args.nice}, "
+        f"1-min load average {load_before:.1f} before the run)"
     )
     print_table(cells)
     for v, st in stages.items():
@@ -570,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
                     "stages_ms": stages,
                     "request_time_llm": llm,
                     "summary": summary,
+                    "load_average_before": load_before,
                 },
                 indent=1,
             )
