@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.knowledge import keys
 from shared.knowledge.snapshot import (
     DEFAULT_USER_ID,
     DEFAULTS,
@@ -74,38 +73,10 @@ def write_snapshot(
 
 
 def publish(snapshot_dir: Path, redis_url: str, keep_old: int = 1) -> str:
-    """Publishes with the knowledge engineer's publisher when present, else writes the documented keys."""
-    try:
-        from offline.knowledge.publish import publish_snapshot
-    except ImportError:
-        return _publish_keys(snapshot_dir, redis_url)
+    """Publishes a snapshot to Redis with the knowledge job's own publisher (flips llm4msr:kn:current)."""
+    from offline.knowledge.publish import publish_snapshot
+
     return publish_snapshot(snapshot_dir, redis_url, keep_old=keep_old)
-
-
-def _publish_keys(snapshot_dir: Path, redis_url: str) -> str:
-    import redis
-
-    from shared.knowledge.snapshot import KnowledgeSnapshot
-
-    snap = KnowledgeSnapshot(snapshot_dir)
-    v = snap.version
-    r = redis.Redis.from_url(redis_url)
-    pipe = r.pipeline(transaction=False)
-    for level in ("scenarios", "users", "items"):
-        t = snap.table(level)
-        for i, id_ in enumerate(t.ids):
-            pipe.set(keys.vector_key(v, level, id_), keys.encode_vector(t.embeddings[i]))
-            if t.responses[i]:
-                pipe.set(keys.response_key(v, level, id_), t.responses[i].encode())
-    pipe.set(keys.default_user_key(v), keys.encode_vector(snap.default_user()))
-    import json
-
-    pipe.set(keys.meta_key(v), json.dumps(snap.manifest.to_dict()))
-    pipe.rpush(keys.VERSIONS, v)
-    pipe.execute()
-    r.set(keys.CURRENT, v)
-    r.close()
-    return v
 
 
 @dataclass
