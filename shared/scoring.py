@@ -34,6 +34,9 @@ class RequestKnowledge:
     scenario_vec: np.ndarray | None = None  # [d]
     user_vec: np.ndarray | None = None  # [d]
     item_vecs: np.ndarray | None = None  # [N, d], rows aligned with item_ids
+    # Optional instead of item_vecs: the same rows already passed through RequestScorer.reduce_items (a ranker
+    # can reduce its in-memory item table once per knowledge version; saves an [N, d] x [d, r] product per request).
+    item_reduced: np.ndarray | None = None  # [N, r]
 
 
 class KnowledgeLookup(Protocol):
@@ -72,13 +75,32 @@ class RequestScorer:
         self.encoder = artifact.encoder
         self.needs_levels: frozenset[str] = artifact.model.needs_levels
         self.dim = artifact.config.knowledge_dim
+        wrapper = artifact.model.wrapper
+        self.reduced_dim = wrapper.reduced_dim if wrapper is not None else None
+
+    @torch.inference_mode()
+    def reduce_items(self, item_vecs: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+        """Raw item knowledge [n, d] -> [n, r] (NaN rows = unknown items allowed), for RequestKnowledge.item_reduced.
+
+        Deterministic per knowledge version and model: compute once when a version is loaded, not per request.
+        """
+        if "item" not in self.needs_levels:
+            raise UserFacingError(f"model {self.artifact.config.model_version} does not use item knowledge")
+        vecs = np.ascontiguousarray(item_vecs, dtype=np.float32)
+        if vecs.ndim != 2 or vecs.shape[1] != self.dim:
+            raise UserFacingError(f"item knowledge has shape {vecs.shape}, expected (n, {self.dim})")
+        out = np.empty((len(vecs), self.reduced_dim), dtype=np.float32)
+        for start in range(0, len(vecs), batch_size):
+            chunk = torch.tensor(vecs[start : start + batch_size])
+            out[start : start + len(chunk)] = self.artifact.model.wrapper.reduce("item", chunk).numpy()
+        return out
 
     def _vector(self, level: str, value: np.ndarray | None, rows: int | None) -> torch.Tensor | None:
         if level not in self.needs_levels:
             return None
         if value is None:
             raise UserFacingError(f"model {self.artifact.config.model_version} needs {level}-level knowledge")
-        arr = np.ascontiguousarray(value, dtype=np.float32)  # callers may pass views (slices, reversed rows)
+        arr = np.array(value, dtype=np.float32)  # a contiguous writable copy: callers pass views, read-only arrays
         expected = (self.dim,) if rows is None else (rows, self.dim)
         if arr.shape != expected:
             raise UserFacingError(f"{level} knowledge has shape {arr.shape}, expected {expected}")
@@ -98,12 +120,23 @@ class RequestScorer:
         if n == 0:
             return np.zeros(0, dtype=np.float32)
         fields, scen = self.encoder.encode_request(scenario, user_id, item_ids, features)
+        reduced: frozenset[str] = frozenset()
+        if "item" in self.needs_levels and knowledge.item_reduced is not None:
+            items = np.array(knowledge.item_reduced, dtype=np.float32)  # a writable copy for torch
+            if items.shape != (n, self.reduced_dim):
+                raise UserFacingError(
+                    f"reduced item knowledge has shape {items.shape}, expected {(n, self.reduced_dim)}"
+                )
+            item = torch.from_numpy(items)
+            reduced = frozenset({"item"})
+        else:
+            item = self._vector("item", knowledge.item_vecs, n)
         kn = {
             "scenario": self._vector("scenario", knowledge.scenario_vec, None),
             "user": self._vector("user", knowledge.user_vec, None),
-            "item": self._vector("item", knowledge.item_vecs, n),
+            "item": item,
         }
-        logits = self.model(torch.from_numpy(fields), torch.from_numpy(scen), kn)
+        logits = self.model(torch.from_numpy(fields), torch.from_numpy(scen), kn, reduced)
         return torch.sigmoid(logits).numpy().astype(np.float32)
 
     @torch.inference_mode()

@@ -78,6 +78,18 @@ def test_request_scores_match_offline_evaluation(task, trained):
     assert np.isfinite(crowd).all()
 
 
+def test_pre_reduced_item_vectors_give_the_same_scores(task, trained):
+    _, _, snap, _ = task
+    scorer = RequestScorer(load_artifact(trained[1]))
+    items = [f"i{j}" for j in range(50)] + ["never-seen-item"]
+    kn = _request_knowledge(snap, "beta", "u3", items)
+    assert np.isnan(kn.item_vecs[-1]).all()
+    table = scorer.reduce_items(snap.items().embeddings)  # once per knowledge version, in the ranker
+    rows = np.vstack([table[snap.items().positions(items[:-1])], scorer.reduce_items(kn.item_vecs[-1:])])
+    fast = scorer.score("beta", "u3", items, RequestKnowledge(kn.scenario_vec, kn.user_vec, item_reduced=rows))
+    np.testing.assert_allclose(fast, scorer.score("beta", "u3", items, kn), atol=1e-5)
+
+
 def test_permuting_user_vectors_changes_scores(task, trained):
     _, split, snap, _ = task
     scorer = RequestScorer(load_artifact(trained[1]))

@@ -152,7 +152,9 @@ class LLM4MSR(nn.Module):
         centred = torch.nan_to_num(raw - getattr(self, f"mean_{level}"), nan=0.0)
         return centred @ getattr(self, f"basis_{level}")
 
-    def _knowledge(self, level: str, raw: torch.Tensor | None, index: torch.Tensor, reduced: bool) -> torch.Tensor:
+    def _knowledge(
+        self, level: str, raw: torch.Tensor | None, index: torch.Tensor, reduced: frozenset[str]
+    ) -> torch.Tensor:
         """Projected knowledge k for a level: [G, proj_dim]. index = the entity's vocabulary index [B]."""
         src = self.config.knowledge_source
         if src == "id":
@@ -162,7 +164,7 @@ class LLM4MSR(nn.Module):
         else:
             if raw is None:
                 raise UserFacingError(f"this model needs {level}-level knowledge vectors")
-            vec = raw if reduced else self.reduce(level, raw)
+            vec = raw if level in reduced else self.reduce(level, raw)
         return self.proj[level](vec)
 
     def forward(
@@ -170,18 +172,25 @@ class LLM4MSR(nn.Module):
         x: torch.Tensor,
         index: dict[str, torch.Tensor],
         raw: dict[str, torch.Tensor | None],
-        reduced: bool = False,
+        reduced: bool | frozenset[str] = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, D] -> (backbone input [B, D'], parallel logit [B] or None).
 
         raw[level] is [B, d] or [1, d] (one request: computed once and broadcast); index[level] is [B]. In
-        training (reduced=True) the vectors come already reduced, and raw["scenario"] may be the [S, r] table of
-        all scenarios: the scenario level is then computed once per scenario and gathered.
+        training (reduced=True) the vectors come already reduced, and raw["scenario"] is the [S, r] table of all
+        scenarios: the scenario level is then computed once per scenario and gathered. `reduced` may also name the
+        levels that come reduced (the ranker passes item vectors it reduced once per knowledge version).
         """
+        if reduced is True:
+            reduced = frozenset(self.config.levels)
+        elif not reduced:
+            reduced = frozenset()
         src = self.config.knowledge_source
         # The scenario level depends on the scenario only: compute it on the S scenarios and gather, unless this
         # is one request (its [1, d] scenario vector is computed once and broadcast anyway).
-        per_scenario = "scenario" in self.config.levels and (src != "llm" or reduced)
+        per_scenario = "scenario" in self.config.levels and (
+            src != "llm" or ("scenario" in reduced and raw["scenario"].shape[0] == self.n_scenarios)
+        )
         k: dict[str, torch.Tensor] = {}
         k_table = None
         for lv in self.config.levels:
