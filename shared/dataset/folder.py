@@ -178,17 +178,19 @@ def _check_member(frame: pd.DataFrame, file: str, column: str, valid: pd.Index |
         raise DatasetError(file, f"unknown {what} '{values.iloc[bad]}' (valid: {shown})", line=bad + 2, column=column)
 
 
-def _parse_numeric(frame: pd.DataFrame, file: str, column: str) -> pd.Series:
+def parse_numeric(frame: pd.DataFrame, file: str, column: str, line_offset: int = 2) -> pd.Series:
+    """Numbers of a string column; the first non-number fails with its line (line_offset: 2 with a header)."""
     raw = frame[column]
     values = pd.to_numeric(raw.str.strip().replace("", np.nan), errors="coerce")
     bad = _first_bad(~np.isfinite(values.to_numpy(dtype=float)))
     if bad is not None:
-        raise DatasetError(file, f"not a finite number: '{raw.iloc[bad]}'", line=bad + 2, column=column)
+        raise DatasetError(file, f"not a finite number: '{raw.iloc[bad]}'", line=bad + line_offset, column=column)
     return values
 
 
-def _parse_timestamp(frame: pd.DataFrame, file: str) -> pd.Series:
-    raw = frame["timestamp"].str.strip()
+def parse_timestamp(frame: pd.DataFrame, file: str, column: str = "timestamp") -> pd.Series:
+    """Unix seconds (float) from numbers or date strings; the first unparseable value fails with its line."""
+    raw = frame[column].str.strip()
     numeric = pd.to_numeric(raw, errors="coerce")
     if numeric.notna().all():
         return numeric.astype("float64")
@@ -199,7 +201,7 @@ def _parse_timestamp(frame: pd.DataFrame, file: str) -> pd.Series:
             file,
             f"timestamp '{raw.iloc[bad]}' is neither a number nor a date",
             line=bad + 2,
-            column="timestamp",
+            column=column,
         )
     return numeric.fillna(parsed.astype("int64") / 1e9).astype("float64")
 
@@ -271,7 +273,7 @@ def read_dataset(root: str | os.PathLike) -> Dataset:
     if "label" in inter.columns and "rating" in inter.columns:
         raise DatasetError(inter_file, "has both 'label' and 'rating'; keep one", line=1, column="rating")
     if "label" in inter.columns:
-        labels = _parse_numeric(inter, inter_file, "label")
+        labels = parse_numeric(inter, inter_file, "label")
         bad = _first_bad(~labels.isin([0, 1]).to_numpy())
         if bad is not None:
             raise DatasetError(
@@ -279,9 +281,9 @@ def read_dataset(root: str | os.PathLike) -> Dataset:
             )
         inter["label"] = labels.astype("float32")
     if "rating" in inter.columns:
-        inter["rating"] = _parse_numeric(inter, inter_file, "rating").astype("float32")
+        inter["rating"] = parse_numeric(inter, inter_file, "rating").astype("float32")
     if "timestamp" in inter.columns:
-        inter["timestamp"] = _parse_timestamp(inter, inter_file)
+        inter["timestamp"] = parse_timestamp(inter, inter_file)
     inter[SEQ] = np.arange(len(inter), dtype=np.int64)
     inter = inter.reset_index(drop=True)
 

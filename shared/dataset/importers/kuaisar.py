@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shared.dataset.folder import SEQ, Dataset
+from shared.dataset.folder import SEQ, Dataset, parse_numeric, parse_timestamp
 from shared.errors import DatasetError, UserFacingError
 
 CATEGORY_LEVELS = [f"{lvl}_level_category_name_en" for lvl in ("first", "second", "third", "fourth")]
@@ -45,26 +45,6 @@ def _require(frame: pd.DataFrame, file: str, columns: list[str]) -> None:
             raise DatasetError(file, f"missing column '{col}'; found {list(frame.columns)}", line=1, column=col)
 
 
-def _number(frame: pd.DataFrame, file: str, column: str) -> pd.Series:
-    values = pd.to_numeric(frame[column], errors="coerce")
-    bad = np.flatnonzero(values.isna().to_numpy())
-    if len(bad):
-        raise DatasetError(file, f"not a number: '{frame[column].iloc[bad[0]]}'", line=int(bad[0]) + 2, column=column)
-    return values
-
-
-def _time(frame: pd.DataFrame, file: str, column: str) -> pd.Series:
-    raw = frame[column]
-    numeric = pd.to_numeric(raw, errors="coerce")
-    if numeric.notna().all():
-        return numeric.astype("float64")
-    parsed = pd.to_datetime(raw, errors="coerce", utc=True)
-    bad = np.flatnonzero((numeric.isna() & parsed.isna()).to_numpy())
-    if len(bad):
-        raise DatasetError(file, f"not a time: '{raw.iloc[bad[0]]}'", line=int(bad[0]) + 2, column=column)
-    return numeric.fillna(parsed.astype("int64") / 1e9).astype("float64")
-
-
 def import_kuaisar(path: str | os.PathLike) -> Dataset:
     root = Path(path)
     if not root.is_dir():
@@ -82,8 +62,8 @@ def import_kuaisar(path: str | os.PathLike) -> Dataset:
             "user_id": rec["user_id"].str.strip(),
             "item_id": rec["item_id"].str.strip(),
             "scenario": "recommendation",
-            "label": (_number(rec, "rec_inter.csv", "click") > 0).astype("float32"),
-            "timestamp": _time(rec, "rec_inter.csv", time_col),
+            "label": (parse_numeric(rec, "rec_inter.csv", "click") > 0).astype("float32"),
+            "timestamp": parse_timestamp(rec, "rec_inter.csv", time_col),
         }
     )
     src_frame = pd.DataFrame(
@@ -91,8 +71,8 @@ def import_kuaisar(path: str | os.PathLike) -> Dataset:
             "user_id": src["user_id"].str.strip(),
             "item_id": src["item_id"].str.strip(),
             "scenario": "search",
-            "label": (_number(src, "src_inter.csv", "click_cnt") > 0).astype("float32"),
-            "timestamp": _time(src, "src_inter.csv", "search_session_timestamp"),
+            "label": (parse_numeric(src, "src_inter.csv", "click_cnt") > 0).astype("float32"),
+            "timestamp": parse_timestamp(src, "src_inter.csv", "search_session_timestamp"),
         }
     )
     inter = pd.concat([rec_frame, src_frame], ignore_index=True)
@@ -111,11 +91,9 @@ def import_kuaisar(path: str | os.PathLike) -> Dataset:
     if caption is not None:
         titles = (caption.str.strip() + " (" + titles + ")").where(caption.str.strip() != "", titles)
     first_level = feats[CATEGORY_LEVELS[0]].reindex(ids).fillna("")
-    first_scenario = inter.drop_duplicates("item_id").set_index("item_id")["scenario"].reindex(ids)
     items = pd.DataFrame(
         {"item_id": ids, "title": titles.to_numpy(), "category": first_level.to_numpy(), "scenario": ""}
     )
-    # Items appear in both feeds: the scenario column stays empty so negatives come from each scenario's own items.
-    del first_scenario
+    # Items appear in both feeds: the scenario column stays empty, and each scenario's item pool is what it showed.
     scenarios = pd.DataFrame({"scenario": list(SCENARIOS), "description": list(SCENARIOS.values())})
     return Dataset(scenarios=scenarios, items=items, interactions=inter, name="kuaisar")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shared.dataset.folder import SEQ, Dataset
+from shared.dataset.folder import SEQ, Dataset, parse_numeric
 from shared.errors import DatasetError, UserFacingError
 
 
@@ -94,16 +94,6 @@ def _read(path: Path, encoding: str = "utf-8", **kwargs) -> pd.DataFrame:
         raise DatasetError(path.name, f"cannot parse: {exc}") from None
 
 
-def _numeric(frame: pd.DataFrame, file: str, column: str, line_offset: int) -> pd.Series:
-    values = pd.to_numeric(frame[column], errors="coerce")
-    bad = np.flatnonzero(values.isna().to_numpy())
-    if len(bad):
-        raise DatasetError(
-            file, f"not a number: '{frame[column].iloc[bad[0]]}'", line=int(bad[0]) + line_offset, column=column
-        )
-    return values
-
-
 def _build(
     ratings: pd.DataFrame, movies: pd.DataFrame, groups: tuple[GenreGroup, ...], users: pd.DataFrame | None, name: str
 ) -> Dataset:
@@ -148,8 +138,8 @@ def import_movielens(path: str | os.PathLike, groups: tuple[GenreGroup, ...] = D
             {
                 "user_id": ratings["userId"].str.strip(),
                 "item_id": ratings["movieId"].str.strip(),
-                "rating": _numeric(ratings, "ratings.csv", "rating", 2).astype("float32"),
-                "timestamp": _numeric(ratings, "ratings.csv", "timestamp", 2).astype("int64"),
+                "rating": parse_numeric(ratings, "ratings.csv", "rating", 2).astype("float32"),
+                "timestamp": parse_numeric(ratings, "ratings.csv", "timestamp", 2).astype("int64"),
             }
         )
         movie_frame = pd.DataFrame(
@@ -163,8 +153,8 @@ def import_movielens(path: str | os.PathLike, groups: tuple[GenreGroup, ...] = D
             {
                 "user_id": data["user"].str.strip(),
                 "item_id": data["item"].str.strip(),
-                "rating": _numeric(data, "u.data", "rating", 1).astype("float32"),
-                "timestamp": _numeric(data, "u.data", "ts", 1).astype("int64"),
+                "rating": parse_numeric(data, "u.data", "rating", 1).astype("float32"),
+                "timestamp": parse_numeric(data, "u.data", "ts", 1).astype("int64"),
             }
         )
         item_cols = ["item", "title", "release", "video_release", "url", *U_ITEM_GENRES]
