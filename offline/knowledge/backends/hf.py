@@ -69,6 +69,17 @@ class HFBackend(Backend):
         for start in range(0, len(order), bs):
             yield order[start : start + bs]
 
+    def _tokenize(self, batch: list[str], add_special_tokens: bool):
+        """A padded, truncated batch on the model's device (padding side set by the caller)."""
+        return self.tokenizer(
+            batch,
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self.config.max_length,
+            add_special_tokens=add_special_tokens,
+        ).to(self.device)
+
     def embed(self, texts: Sequence[str], pooling: str, progress: Progress | None = None) -> np.ndarray:
         import torch
 
@@ -78,13 +89,7 @@ class HFBackend(Backend):
         self.tokenizer.padding_side = "right"
         with torch.inference_mode():
             for idx in self._batches(texts):
-                enc = self.tokenizer(
-                    [texts[i] for i in idx],
-                    return_tensors="pt",
-                    padding=True,
-                    truncation=True,
-                    max_length=self.config.max_length,
-                ).to(self.device)
+                enc = self._tokenize([texts[i] for i in idx], add_special_tokens=True)
                 hidden = self.base(**enc).last_hidden_state.float()
                 mask = enc["attention_mask"].unsqueeze(-1).float()
                 if pooling == "mean":
@@ -107,14 +112,7 @@ class HFBackend(Backend):
         self.tokenizer.padding_side = "left"
         with torch.inference_mode():
             for idx in self._batches(texts):
-                enc = self.tokenizer(
-                    [texts[i] for i in idx],
-                    return_tensors="pt",
-                    padding=True,
-                    truncation=True,
-                    max_length=self.config.max_length,
-                    add_special_tokens=False,
-                ).to(self.device)
+                enc = self._tokenize([texts[i] for i in idx], add_special_tokens=False)  # prompts as written
                 gen = self.lm.generate(
                     **enc,
                     max_new_tokens=self.config.max_new_tokens,
