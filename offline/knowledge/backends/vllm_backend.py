@@ -102,6 +102,16 @@ class _Engine:
             time.sleep(0.5)
 
 
+def _cpu_bind(threads: int) -> str:
+    """The cores for VLLM_CPU_OMP_THREADS_BIND: this process's allowed cores, the first `threads` of them if set."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if threads > 0:
+        cores = cores[:threads]
+    if cores == list(range(cores[0], cores[-1] + 1)):
+        return f"{cores[0]}-{cores[-1]}"
+    return ",".join(map(str, cores))
+
+
 class VLLMBackend(Backend):
     def __init__(self, config: BackendConfig):
         from transformers import AutoTokenizer
@@ -124,6 +134,9 @@ class VLLMBackend(Backend):
         env = dict(os.environ)
         if self.config.device == "cpu":
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+            # vLLM-CPU's default ("auto") binding left a core of this 2-core machine idle; bind to the cores we
+            # may use (measured: ~2x encode and generate throughput).
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_bind(self.config.threads))
             if self.config.threads > 0:
                 env.setdefault("OMP_NUM_THREADS", str(self.config.threads))
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
