@@ -77,6 +77,8 @@ class RequestScorer:
         self.dim = artifact.config.knowledge_dim
         wrapper = artifact.model.wrapper
         self.reduced_dim = wrapper.reduced_dim if wrapper is not None else None
+        # The artifact's weights never change after loading: fold the wrapper once for one-request scoring.
+        self.request_path = wrapper.fold_for_requests() if wrapper is not None else None
 
     @torch.inference_mode()
     def reduce_items(self, item_vecs: np.ndarray, batch_size: int = 8192) -> np.ndarray:
@@ -136,7 +138,13 @@ class RequestScorer:
             "user": self._vector("user", knowledge.user_vec, None),
             "item": item,
         }
-        logits = self.model(torch.from_numpy(fields), torch.from_numpy(scen), kn, reduced)
+        if self.request_path is not None:
+            item_reduced = item if reduced else None
+            logits = self.model.forward_request(
+                torch.from_numpy(fields), torch.from_numpy(scen), self.request_path, kn, item_reduced
+            )
+        else:
+            logits = self.model(torch.from_numpy(fields), torch.from_numpy(scen), kn, reduced)
         return torch.sigmoid(logits).numpy().astype(np.float32)
 
     @torch.inference_mode()

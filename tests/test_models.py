@@ -136,3 +136,62 @@ def test_request_broadcast_equals_per_row_knowledge():
         other_user = model(fields, scen, {"scenario": ks, "user": torch.randn(1, 24), "item": ki})
     assert torch.allclose(once, rows, atol=1e-6)
     assert not torch.allclose(once, other_user, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "levels",
+    [
+        ["scenario"],
+        ["user"],
+        ["scenario", "user"],
+        ["scenario", "user", "item"],
+        ["user", "item"],
+        ["scenario", "item"],
+    ],
+)
+@pytest.mark.parametrize("placement", ["bottom", "parallel", "both"])
+def test_folded_request_path_equals_the_wrapper(levels, placement):
+    """The serving fold (reduction, projection and hypernetworks collapsed into a few matrices) is the same function
+    as the trained wrapper, including missing (NaN) vectors and items passed already reduced."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        fields=[("user_id", 50), ("item_id", 80), ("scenario", 4)],
+        n_scenarios=3,
+        backbone="star",
+        llm4msr=LLM4MSRConfig(levels=levels, placement=placement, knowledge_dim=40, reduce_dim=16),
+    )
+    model = CTRModel(cfg).eval()
+    with torch.no_grad():
+        for param in model.parameters():  # trained-looking weights: the zero-initialised bottom must matter too
+            param.normal_(0, 0.3)
+    for level in levels:
+        model.wrapper.fit_reduction(level, torch.randn(200, 40) * 3 + 1)
+    path = model.wrapper.fold_for_requests()
+    n = 7
+    fields = torch.stack([torch.full((n,), 3), torch.randint(0, 80, (n,)), torch.full((n,), 2)], dim=1)
+    scen = torch.full((n,), 1)
+    raw = {"scenario": torch.randn(1, 40), "user": torch.randn(1, 40), "item": torch.randn(n, 40)}
+    raw["item"][2] = float("nan")
+    raw["user"][0, 5] = float("nan")
+    with torch.no_grad():
+        expected = model(fields, scen, {lv: raw[lv] for lv in levels})
+        folded = model.forward_request(fields, scen, path, raw)
+        other_user = model.forward_request(fields, scen, path, {**raw, "user": torch.randn(1, 40)})
+    assert expected.abs().max() > 0.5  # the comparison is not between near-zero logits
+    torch.testing.assert_close(folded, expected, atol=2e-5, rtol=1e-5)
+    if "item" in levels:
+        reduced = model.wrapper.reduce("item", raw["item"])
+        torch.testing.assert_close(
+            model.forward_request(fields, scen, path, raw, reduced), expected, atol=2e-5, rtol=1e-5
+        )
+    if "user" in levels:
+        assert not torch.allclose(other_user, expected, atol=1e-4)
+
+
+def test_fold_is_skipped_for_controls():
+    cfg = ModelConfig(
+        fields=[("user_id", 10), ("item_id", 20), ("scenario", 4)],
+        n_scenarios=3,
+        llm4msr=LLM4MSRConfig(levels=["scenario", "user"], knowledge_source="id"),
+    )
+    assert CTRModel(cfg).wrapper.fold_for_requests() is None

@@ -8,7 +8,7 @@ from torch import nn
 
 from shared.models.backbones import build_backbone
 from shared.models.features import ITEM, SCENARIO, USER
-from shared.models.llm4msr import LLM4MSR, LLM4MSRConfig
+from shared.models.llm4msr import LLM4MSR, LLM4MSRConfig, RequestPath
 
 
 class ModelConfig(BaseModel):
@@ -65,5 +65,19 @@ class CTRModel(nn.Module):
                 "item": fields[:, self.pos[ITEM]],
             }
             x, z = self.wrapper(x, index, knowledge or {}, reduced)
+        logit = self.backbone(x, scenario)
+        return logit + z if z is not None else logit
+
+    def forward_request(
+        self,
+        fields: torch.Tensor,
+        scenario: torch.Tensor,
+        path: RequestPath,
+        raw: dict[str, torch.Tensor | None],
+        item_reduced: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """forward() for one request through the wrapper folded by LLM4MSR.fold_for_requests (eval only)."""
+        x = self.embedding(fields + self.offsets).flatten(1)
+        x, z = path(x, raw, item_reduced)
         logit = self.backbone(x, scenario)
         return logit + z if z is not None else logit

@@ -9,10 +9,16 @@ Generated weights are low rank, W(k) = U diag(1 + g(k)) V (as in APG/HAMUR): the
 bias instead of a D x h matrix, so a request computes g once for its (scenario, user) and every candidate pays only
 x U (shared weights), an element-wise product and V. Item level (extension): k_i = P_i e_i joins x, and k_u * k_i
 joins the meta layers' input so the user's knowledge is matched explicitly against the item's.
+
+Serving folds the frozen model for one request (`LLM4MSR.fold_for_requests` -> `RequestPath`): every map between
+a raw knowledge vector and the hypernetworks' hidden layer is affine, so reduction, projection and the first
+hypernetwork layer collapse into one matrix, and the generated low-rank layer U diag(g) V into one [in, out] matrix
+per request. Same function, about half the operations per request.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -217,4 +223,166 @@ class LLM4MSR(nn.Module):
             h = layer.apply(h, gains, bias)
         x_out = x + self.bottom(h) if self.bottom is not None else x
         z = self.parallel(h).squeeze(-1) if self.parallel is not None else None
+        return x_out, z
+
+    @torch.no_grad()
+    def fold_for_requests(self) -> RequestPath | None:
+        """The frozen wrapper folded for one-request scoring; None for the id/random controls (they index tables
+        by entity and gain nothing from folding). Recompute after any weight change."""
+        c = self.config
+        if c.knowledge_source != "llm":
+            return None
+        f64 = torch.float64
+        d, p = c.knowledge_dim, c.proj_dim
+        levels = c.meta_levels
+        # k_l = nan_to_num(e_l - mean_l) @ A_l + a_l
+        affine = {}
+        for lv in c.levels:
+            weight = self.proj[lv].weight.to(f64)  # [p, r]
+            basis = getattr(self, f"basis_{lv}").to(f64)  # [d, r]
+            affine[lv] = (basis @ weight.T, self.proj[lv].bias.to(f64))
+        # Condition columns: every meta layer's hyper hidden units, then k_u itself when the item interaction needs it.
+        hidden = c.hyper_hidden
+        n_cols = hidden * len(levels) + (p if c.interaction else 0)
+        cond_w = torch.zeros(d * len(levels), n_cols, dtype=f64)
+        cond_b = torch.zeros(n_cols, dtype=f64)
+        for j, layer in enumerate(self.meta):
+            first = layer.hyper[0]
+            cols = slice(j * hidden, (j + 1) * hidden)
+            cond_b[cols] = first.bias.to(f64)
+            for block, lv in enumerate(levels[: j + 1]):
+                a, a_bias = affine[lv]
+                w_block = first.weight.to(f64)[:, block * p : (block + 1) * p]  # [hidden, p]
+                cond_w[block * d : (block + 1) * d, cols] = a @ w_block.T
+                cond_b[cols] += a_bias @ w_block.T
+        if c.interaction:
+            block = levels.index("user")
+            a, a_bias = affine["user"]
+            cond_w[block * d : (block + 1) * d, hidden * len(levels) :] = a
+            cond_b[hidden * len(levels) :] = a_bias
+        # Second hypernetwork layers side by side (block-diagonal), with the gains' 1 and v's bias folded in.
+        widths = [layer.rank + layer.v.out_features for layer in self.meta]
+        gen_w = torch.zeros(hidden * len(levels), sum(widths), dtype=f64)
+        gen_b = torch.zeros(sum(widths), dtype=f64)
+        start = 0
+        for j, layer in enumerate(self.meta):
+            second = layer.hyper[2]
+            gen_w[j * hidden : (j + 1) * hidden, start : start + widths[j]] = second.weight.to(f64).T
+            gen_b[start : start + widths[j]] = second.bias.to(f64)
+            gen_b[start : start + layer.rank] += 1.0
+            gen_b[start + layer.rank : start + widths[j]] += layer.v.bias.to(f64)
+            start += widths[j]
+        out_w, out_b = [], []
+        if self.bottom is not None:
+            out_w.append(self.bottom.weight.to(f64).T)
+            out_b.append(self.bottom.bias.to(f64))
+        if self.parallel is not None:
+            out_w.append(self.parallel.weight.to(f64).T)
+            out_b.append(self.parallel.bias.to(f64))
+        item = None
+        if c.uses_item:
+            a, a_bias = affine["item"]
+            item = ItemFold(
+                mean=self.mean_item.clone(),
+                raw_w=a.float(),
+                reduced_w=self.proj["item"].weight.T.float().contiguous(),
+                bias=a_bias.float(),
+            )
+        return RequestPath(
+            levels=tuple(levels),
+            means=torch.cat([getattr(self, f"mean_{lv}") for lv in levels]).view(1, -1),
+            cond_w=cond_w.float(),
+            cond_b=cond_b.float().view(1, -1),
+            n_hidden=hidden * len(levels),
+            gen_w=gen_w.float(),
+            gen_b=gen_b.float().view(1, -1),
+            layers=tuple(
+                (layer.u.weight.T.contiguous(), layer.v.weight.T.contiguous(), layer.rank) for layer in self.meta
+            ),
+            out_w=torch.cat(out_w, dim=1).float() if out_w else None,
+            out_b=torch.cat(out_b).float() if out_b else None,
+            bottom=self.bottom is not None,
+            parallel=self.parallel is not None,
+            item=item,
+            x_dim=self.x_dim,
+            proj_dim=p,
+        )
+
+
+@dataclass(frozen=True)
+class ItemFold:
+    """k_i from raw item vectors (nan_to_num(e - mean) @ raw_w + bias) or reduced ones (reduced @ reduced_w + bias)."""
+
+    mean: torch.Tensor
+    raw_w: torch.Tensor
+    reduced_w: torch.Tensor
+    bias: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RequestPath:
+    """LLM4MSR folded for one request: knowledge of one scenario and one user, N candidates.
+
+    Per request: one [1, L*d] x [L*d, H] product gives every hypernetwork's hidden layer (and k_u), one more gives
+    all generated gains and biases, and each meta layer becomes a single [in, out] matrix. Per candidate: one
+    matrix product + ReLU per meta layer and one for the bottom and parallel outputs together.
+    """
+
+    levels: tuple[str, ...]
+    means: torch.Tensor  # [1, L*d]
+    cond_w: torch.Tensor  # [L*d, H (+ p)]
+    cond_b: torch.Tensor
+    n_hidden: int
+    gen_w: torch.Tensor  # [H, sum(r_j + out_j)]
+    gen_b: torch.Tensor
+    layers: tuple[tuple[torch.Tensor, torch.Tensor, int], ...]  # (U^T [in, r], V^T [r, out], r)
+    out_w: torch.Tensor | None  # [meta_dim, x_dim (bottom) + 1 (parallel)]
+    out_b: torch.Tensor | None
+    bottom: bool
+    parallel: bool
+    item: ItemFold | None
+    x_dim: int
+    proj_dim: int
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        raw: dict[str, torch.Tensor | None],
+        item_reduced: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [N, D] field embeddings, raw[level] [1, d] for the meta levels (and [N, d] for items unless
+        item_reduced [N, r] is given) -> (backbone input [N, D'], parallel logit [N] or None)."""
+        e = torch.cat([raw[lv] for lv in self.levels], dim=1) if len(self.levels) > 1 else raw[self.levels[0]]
+        cond = torch.addmm(self.cond_b, torch.nan_to_num(e - self.means, nan=0.0), self.cond_w)
+        gen = torch.addmm(self.gen_b, torch.relu(cond[:, : self.n_hidden]), self.gen_w)
+        weights, biases, start = [], [], 0
+        for u_t, v_t, rank in self.layers:
+            out = v_t.shape[1]
+            gains = gen[0, start : start + rank]
+            weights.append(u_t @ (gains[:, None] * v_t))
+            biases.append(gen[:, start + rank : start + rank + out])
+            start += rank + out
+        h = x
+        if self.item is not None:
+            fold = self.item
+            if item_reduced is not None:
+                k_i = torch.addmm(fold.bias, item_reduced, fold.reduced_w)
+            else:
+                k_i = torch.addmm(fold.bias, torch.nan_to_num(raw["item"] - fold.mean, nan=0.0), fold.raw_w)
+            x = torch.cat([x, k_i], dim=1)
+            w0 = weights[0]
+            if k_u_cols := cond.shape[1] - self.n_hidden:
+                # [x, k_i, k_u * k_i] @ W0 == [x, k_i] @ [W0_x; W0_i + k_u^T * W0_ui]
+                k_u = cond[0, self.n_hidden :]
+                dx = x.shape[1] - self.proj_dim
+                w_ui = w0[dx : dx + k_u_cols] + k_u[:, None] * w0[dx + k_u_cols :]
+                weights[0] = torch.cat([w0[:dx], w_ui], dim=0)
+            h = x
+        for w, b in zip(weights, biases):
+            h = torch.relu_(torch.addmm(b, h, w))
+        if self.out_w is None:
+            return x, None
+        out = torch.addmm(self.out_b, h, self.out_w)
+        x_out = x + out[:, : self.x_dim] if self.bottom else x
+        z = out[:, -1] if self.parallel else None
         return x_out, z
