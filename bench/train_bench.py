@@ -28,6 +28,7 @@ from offline.training.trainer import (  # noqa: E402
     batch_knowledge,
     build_model,
     encode_split,
+    make_optimizer,
 )
 from shared.artifact import Artifact, ArtifactConfig  # noqa: E402
 from shared.dataset.split import SplitConfig, make_split  # noqa: E402
@@ -84,7 +85,7 @@ def bench_one(backbone, levels, dataset, split, snapshot, encoder, args) -> dict
     if tables is not None:
         tables.fit_and_reduce(model)
     data = encode_split(split.train, encoder, tables)
-    optim = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optim = make_optimizer(model, cfg)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     model.train()
     perm = torch.randperm(len(data))

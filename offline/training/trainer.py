@@ -153,6 +153,12 @@ def _reduced(tables: KnowledgeTables | None) -> bool:
     return tables is not None and tables.reduced
 
 
+def make_optimizer(model: CTRModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam with the fused kernel: one update over all parameters instead of ~8 small ops per tensor (the wrapper
+    adds ~20 small tensors, so the per-tensor loop was a visible share of its step time on CPU)."""
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -265,7 +271,7 @@ def train(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, cf
     data = {name: encode_split(frame, encoder, tables) for name, frame in split.frames().items()}
     if len(data["train"]) == 0 or len(data["valid"]) == 0:
         raise UserFacingError("training needs non-empty train and validation splits")
-    optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optim = make_optimizer(model, cfg)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     gen = torch.Generator().manual_seed(cfg.seed)
     best_auc, best_state, best_epoch, bad = -1.0, None, 0, 0

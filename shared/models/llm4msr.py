@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, field_validator
 from torch import nn
 
@@ -81,13 +82,27 @@ class LowRankMetaLayer(nn.Module):
         nn.init.normal_(self.hyper[-1].weight, std=0.01)
         nn.init.zeros_(self.hyper[-1].bias)
 
-    def generate(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The generated layer (gains [G, r], bias [G, out]); G = 1 for a request, B in training."""
-        out = self.hyper(cond)
-        return 1.0 + out[:, : self.rank], out[:, self.rank :]
+    def part(self, block: int, vec: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+        """The share of condition block `block` in the hidden layer's pre-activation, from the block's knowledge
+        before its projection: proj and the block's columns of the first hypernetwork layer are composed (a
+        [hidden, r] weight product) so a batch pays one [B, r] x [r, hidden] product instead of two."""
+        p = proj.out_features
+        w_block = self.hyper[0].weight[:, block * p : (block + 1) * p]
+        return F.linear(vec, w_block @ proj.weight, w_block @ proj.bias)
+
+    def generate(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generated layer from the summed block parts: gains 1 + g [G, r] and the full bias b0 + b(c)
+        [G, out] (the 1 and b0 are folded into the output bias, a vector, not added per row)."""
+        hidden = torch.relu(pre + self.hyper[0].bias)
+        second = self.hyper[2]
+        offset = torch.cat([torch.ones(self.rank, dtype=hidden.dtype, device=hidden.device), self.v.bias])
+        gains, bias = torch.split(
+            F.linear(hidden, second.weight, second.bias + offset), [self.rank, self.v.out_features], 1
+        )
+        return gains, bias
 
     def apply(self, x: torch.Tensor, gains: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.v(self.u(x) * gains) + bias)
+        return torch.relu(torch.addmm(bias, self.u(x) * gains, self.v.weight.T))
 
 
 class LLM4MSR(nn.Module):
@@ -158,20 +173,18 @@ class LLM4MSR(nn.Module):
         centred = torch.nan_to_num(raw - getattr(self, f"mean_{level}"), nan=0.0)
         return centred @ getattr(self, f"basis_{level}")
 
-    def _knowledge(
+    def _source(
         self, level: str, raw: torch.Tensor | None, index: torch.Tensor, reduced: frozenset[str]
     ) -> torch.Tensor:
-        """Projected knowledge k for a level: [G, proj_dim]. index = the entity's vocabulary index [B]."""
+        """A level's knowledge before the learned projection: reduced LLM vectors, ID or random embeddings."""
         src = self.config.knowledge_source
         if src == "id":
-            vec = self.id_emb[level](index)
-        elif src == "random":
-            vec = getattr(self, f"random_{level}")[index]
-        else:
-            if raw is None:
-                raise UserFacingError(f"this model needs {level}-level knowledge vectors")
-            vec = raw if level in reduced else self.reduce(level, raw)
-        return self.proj[level](vec)
+            return self.id_emb[level](index)
+        if src == "random":
+            return getattr(self, f"random_{level}")[index]
+        if raw is None:
+            raise UserFacingError(f"this model needs {level}-level knowledge vectors")
+        return raw if level in reduced else self.reduce(level, raw)
 
     def forward(
         self,
@@ -197,30 +210,43 @@ class LLM4MSR(nn.Module):
         per_scenario = "scenario" in self.config.levels and (
             src != "llm" or ("scenario" in reduced and raw["scenario"].shape[0] == self.n_scenarios)
         )
-        k: dict[str, torch.Tensor] = {}
-        k_table = None
+        vec = {}  # each level's knowledge before projection; the scenario's as an [S, r] table when per_scenario
         for lv in self.config.levels:
-            if lv == "scenario" and per_scenario:
-                all_scenarios = torch.arange(self.n_scenarios, device=x.device)
-                k_table = self._knowledge(lv, raw.get(lv), all_scenarios, reduced)  # [S, p]
-                k[lv] = k_table[index["scenario"]]
-            else:
-                k[lv] = self._knowledge(lv, raw.get(lv), index[lv], reduced)
+            ids = torch.arange(self.n_scenarios, device=x.device) if lv == "scenario" and per_scenario else index[lv]
+            vec[lv] = self._source(lv, raw.get(lv), ids, reduced)
         if self.config.uses_item:
-            x = torch.cat([x, k["item"].expand(x.shape[0], -1)], dim=-1)
+            k_item = self.proj["item"](vec["item"])
+            x = torch.cat([x, k_item.expand(x.shape[0], -1)], dim=-1)
         h = x
         if self.config.interaction:
-            h = torch.cat([h, k["user"] * k["item"]], dim=-1)
-        cond: list[torch.Tensor] = []
-        for layer, lv in zip(self.meta, self.config.meta_levels):
-            cond.append(k[lv])
-            if lv == "scenario" and k_table is not None:
-                gains, bias = layer.generate(k_table)
-                gains, bias = gains[index["scenario"]], bias[index["scenario"]]
+            h = torch.cat([h, self.proj["user"](vec["user"]) * k_item], dim=-1)
+        levels = self.config.meta_levels
+        # Everything that depends on the scenario alone is computed on the S scenarios and gathered per row in one
+        # index operation: the scenario-level layer's gains and bias, and the scenario block of later layers.
+        per_scenario_parts: list[torch.Tensor] = []
+        if per_scenario:
+            for j, layer in enumerate(self.meta):
+                part = layer.part(0, vec["scenario"], self.proj["scenario"])
+                per_scenario_parts.extend(layer.generate(part) if j == 0 else [part])
+            widths = [t.shape[1] for t in per_scenario_parts]
+            gathered = iter(torch.split(torch.cat(per_scenario_parts, 1)[index["scenario"]], widths, 1))
+        for j, layer in enumerate(self.meta):
+            if per_scenario and j == 0:
+                gains, bias = next(gathered), next(gathered)
             else:
-                width = max(c.shape[0] for c in cond)
-                gains, bias = layer.generate(torch.cat([c.expand(width, -1) for c in cond], dim=-1))
+                pre = next(gathered) if per_scenario else None
+                for block, lv in enumerate(levels[: j + 1]):
+                    if not (per_scenario and lv == "scenario"):
+                        part = layer.part(block, vec[lv], self.proj[lv])
+                        pre = part if pre is None else pre + part
+                gains, bias = layer.generate(pre)
             h = layer.apply(h, gains, bias)
+        if self.bottom is not None and self.parallel is not None:  # both outputs from one product
+            weight = torch.cat([self.bottom.weight, self.parallel.weight])
+            delta, z = torch.split(
+                F.linear(h, weight, torch.cat([self.bottom.bias, self.parallel.bias])), [x.shape[1], 1], 1
+            )
+            return x + delta, z.squeeze(-1)
         x_out = x + self.bottom(h) if self.bottom is not None else x
         z = self.parallel(h).squeeze(-1) if self.parallel is not None else None
         return x_out, z
