@@ -30,11 +30,13 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from online.knowledge import (
+    UNKNOWN,
     Fallback,
     KnowledgeStore,
     KnowledgeVersion,
     RedisKnowledgeStore,
     SnapshotKnowledgeStore,
+    take_item_rows,
 )
 from online.metrics import ServingMetrics
 from online.ranker import Ranker, cap_torch_threads
@@ -133,6 +135,8 @@ def load_state(settings: ServeSettings) -> ServingState:
         def on_swap(kv: KnowledgeVersion) -> None:
             metrics.swaps.inc()
             state.publish_versions()
+            if state.ranker.needs_items and kv.items_complete:
+                state.ranker.reduced_items(kv)  # before requests need it
 
         store.on_swap = on_swap
         store.start()
@@ -471,16 +475,27 @@ def _score(st: ServingState, ranker: Ranker, kv: KnowledgeVersion | None, req: d
     item_ids = req["item_ids"]
     fallbacks: list[Fallback] = []
     knowledge = RequestKnowledge(scenario_vec=None, user_vec=None, item_vecs=None)
+    item_reduced = None
     if kv is not None and st.store is not None:
-        fetched = st.store.fetch(kv, req["user_id"], item_ids if ranker.needs_items else None, ranker.needs_user)
+        # A complete in-memory catalogue: take the model's reduced rows (computed once per version); otherwise
+        # the raw vectors come from the store (some from Redis) and are reduced in the forward.
+        from_table = ranker.needs_items and kv.items_complete
+        ask_items = item_ids if ranker.needs_items and not from_table else None
+        fetched = st.store.fetch(kv, req["user_id"], ask_items, ranker.needs_user)
         fallbacks.extend(fetched.fallbacks)
+        if from_table:
+            item_reduced, found = take_item_rows(kv.items, ranker.reduced_items(kv), item_ids)
+            if missing := int(len(found) - found.sum()):
+                fallbacks.append(Fallback("item", UNKNOWN, missing))
         scen = None
         if ranker.needs_scenario:
             scen = kv.scenarios.get(req["scenario"])
             if scen is None:
                 scen = np.zeros(kv.dim, np.float32)
-                fallbacks.append(Fallback("scenario", "unknown"))
-        knowledge = RequestKnowledge(scenario_vec=scen, user_vec=fetched.user_vec, item_vecs=fetched.item_vecs)
+                fallbacks.append(Fallback("scenario", UNKNOWN))
+        knowledge = RequestKnowledge(
+            scenario_vec=scen, user_vec=fetched.user_vec, item_vecs=fetched.item_vecs, item_reduced=item_reduced
+        )
     oov = ranker.oov_count(item_ids)
     if oov:
         fallbacks.append(Fallback("item_id", "oov", oov))

@@ -83,6 +83,9 @@ class KnowledgeVersion:
     users: KnowledgeTable | None = None
     user_rows: dict[str, int] | None = None
     loaded_at: float = field(default_factory=time.time)
+    # Tables derived from this version by a model (e.g. its reduced item vectors), built once and dropped with it.
+    derived: dict = field(default_factory=dict, repr=False)
+    derived_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def space_id(self) -> str:
@@ -269,14 +272,19 @@ class KnowledgeStore:
     # -- shared helpers -----------------------------------------------------------------------------------
     @staticmethod
     def _items_from_memory(kv: KnowledgeVersion, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        pos = kv.items.positions(item_ids)
-        found = pos >= 0
-        if found.all():
-            return kv.items.matrix.take(pos, axis=0), found  # one gather, no extra copy
-        # NaN = "no vector": the model substitutes the level's average (same as offline evaluation).
-        out = np.full((len(item_ids), kv.dim), np.nan, dtype=np.float32)
-        out[found] = kv.items.matrix[pos[found]]
-        return out, found
+        return take_item_rows(kv.items, kv.items.matrix, item_ids)
+
+
+def take_item_rows(items: ItemVectors, matrix: np.ndarray, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of `matrix` (aligned with items.ids: the raw vectors or a table derived from them) for item_ids, and
+    which were found. NaN rows = "no vector": the model substitutes the level's average (as offline evaluation)."""
+    pos = items.positions(item_ids)
+    found = pos >= 0
+    if found.all():
+        return matrix.take(pos, axis=0), found  # one gather, no extra copy
+    out = np.full((len(item_ids), matrix.shape[1]), np.nan, dtype=np.float32)
+    out[found] = matrix[pos[found]]
+    return out, found
 
 
 def _table_to_items(table: KnowledgeTable) -> ItemVectors:

@@ -105,6 +105,28 @@ class Ranker:
             scores = self.scorer.score(scenario, user_id, item_ids, knowledge, features=features)
         return np.asarray(scores, dtype=np.float32).reshape(-1)
 
+    def reduced_items(self, kv) -> np.ndarray:
+        """The version's in-memory item vectors through this model's frozen reduction ([n, r], rows aligned with
+        kv.items), computed once per (version, model): a request then gathers 500 small rows instead of reducing
+        500 raw ones."""
+        key = ("reduced_items", id(self))
+        table = kv.derived.get(key)
+        if table is None:
+            with kv.derived_lock:
+                table = kv.derived.get(key)
+                if table is None:
+                    started = time.perf_counter()
+                    table = self.scorer.reduce_items(kv.items.matrix)
+                    kv.derived[key] = table
+                    log.info(
+                        "reduced %d item vectors of knowledge %s for model %s in %.2f s",
+                        len(table),
+                        kv.version,
+                        self.model_version,
+                        time.perf_counter() - started,
+                    )
+        return table
+
     def warm_up(self) -> None:
         """First forwards allocate and pick kernels; do that before the first real request."""
         from shared.scoring import RequestKnowledge

@@ -36,6 +36,7 @@ class RequestKnowledge:
     item_vecs: np.ndarray | None = None  # [N, d], rows aligned with item_ids
     # Optional instead of item_vecs: the same rows already passed through RequestScorer.reduce_items (a ranker
     # can reduce its in-memory item table once per knowledge version; saves an [N, d] x [d, r] product per request).
+    # A NaN row = unknown item, as in item_vecs.
     item_reduced: np.ndarray | None = None  # [N, r]
 
 

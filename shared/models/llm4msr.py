@@ -392,7 +392,7 @@ class RequestPath:
         if self.item is not None:
             fold = self.item
             if item_reduced is not None:
-                k_i = torch.addmm(fold.bias, item_reduced, fold.reduced_w)
+                k_i = torch.addmm(fold.bias, torch.nan_to_num(item_reduced, nan=0.0), fold.reduced_w)
             else:
                 k_i = torch.addmm(fold.bias, torch.nan_to_num(raw["item"] - fold.mean, nan=0.0), fold.raw_w)
             x = torch.cat([x, k_i], dim=1)
