@@ -1,7 +1,8 @@
 """Training and request-forward benchmark: each backbone plain vs. with the LLM4MSR wrapper.
 
 Measures (1) training samples/s over a fixed number of batches, (2) the time of one ranking request (one user, one
-scenario, N candidates, default 500) through RequestScorer.score, median over repetitions. Without --data it uses
+scenario, N candidates, default 500) through RequestScorer.score, the median of calls timed in rounds that
+alternate between plain and wrapped models (fair under background load). Without --data it uses
 the synthetic generator scaled up and a random knowledge snapshot of SmolLM2's size (576): speed does not depend
 on the vectors' content.
 
@@ -125,29 +126,35 @@ def bench_one(backbone, levels, dataset, split, snapshot, encoder, args) -> dict
         user_vec=rng.normal(size=d).astype(np.float32),
         item_vecs=rng.normal(size=(args.candidates, d)).astype(np.float32),
     )
-    for _ in range(10):
-        scorer.score(scen, user, cand, kn)
-    req = []
-    for _ in range(args.requests):
-        t0 = time.perf_counter()
-        scorer.score(scen, user, cand, kn)
-        req.append(time.perf_counter() - t0)
-    fast = None
+    requests = {"raw": lambda: scorer.score(scen, user, cand, kn)}
     if levels and "item" in levels:  # the ranker's path: item vectors reduced once per knowledge version
         reduced = RequestKnowledge(kn.scenario_vec, kn.user_vec, item_reduced=scorer.reduce_items(kn.item_vecs))
-        fast = []
-        for _ in range(args.requests):
-            t0 = time.perf_counter()
-            scorer.score(scen, user, cand, reduced)
-            fast.append(time.perf_counter() - t0)
-    return {
-        "request_ms_p50_prereduced": 1000 * float(np.median(fast)) if fast else None,
+        requests["prereduced"] = lambda: scorer.score(scen, user, cand, reduced)
+    for call in requests.values():
+        for _ in range(10):
+            call()
+    result = {
         "samples_per_s": samples_per_s,
         "mean_samples_per_s": mean_samples_per_s,
-        "request_ms_p50": 1000 * float(np.median(req)),
-        "request_ms_p95": 1000 * float(np.percentile(req, 95)),
         "params": sum(p.numel() for p in model.parameters()),
     }
+    return result, requests
+
+
+def time_requests(calls: dict[str, dict], total: int, rounds: int) -> dict[str, list[float]]:
+    """Times every variant's request in alternating rounds (each round a different order), so that background
+    load on a shared machine hits all variants alike; returns the seconds of every call per (variant, kind)."""
+    keys = [(v, kind) for v, kinds in calls.items() for kind in kinds]
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in keys}
+    per_round = max(1, total // rounds)
+    for r in range(rounds):
+        for v, kind in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            call = calls[v][kind]
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                call()
+                times[(v, kind)].append(time.perf_counter() - t0)
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--batches", type=int, default=40)
     p.add_argument("--candidates", type=int, default=500)
-    p.add_argument("--requests", type=int, default=100)
+    p.add_argument("--requests", type=int, default=300, help="timed requests per variant (all rounds together)")
+    p.add_argument("--rounds", type=int, default=6, help="alternations between the variants when timing requests")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dim", type=int, default=576, help="knowledge dim of the random snapshot")
     p.add_argument("--json", help="write the results here")
@@ -181,21 +189,33 @@ def main(argv: list[str] | None = None) -> int:
     encoder = FeatureEncoder.fit(dataset, split.train)
     rows = []
     for backbone in args.backbones.split(","):
-        base = None
+        results, calls = {}, {}
         for variant, levels in VARIANTS.items():
-            r = bench_one(backbone, levels, dataset, split, snapshot, encoder, args)
-            r.update(backbone=backbone, variant=variant)
-            if base is None:
-                base = r
+            results[variant], calls[variant] = bench_one(backbone, levels, dataset, split, snapshot, encoder, args)
+        times = time_requests(calls, args.requests, args.rounds)
+        base = results["plain"]
+        base_ms = 1000 * float(np.median(times[("plain", "raw")]))
+        for variant, r in results.items():
+            req = times[(variant, "raw")]
+            fast = times.get((variant, "prereduced"))
+            r.update(
+                backbone=backbone,
+                variant=variant,
+                request_ms_p50=1000 * float(np.median(req)),
+                request_ms_p95=1000 * float(np.percentile(req, 95)),
+                request_ms_p50_prereduced=1000 * float(np.median(fast)) if fast else None,
+            )
             r["train_time_ratio"] = base["samples_per_s"] / r["samples_per_s"]
-            r["request_time_ratio"] = r["request_ms_p50"] / base["request_ms_p50"]
-            fast = r["request_ms_p50_prereduced"]
-            r["request_time_ratio_prereduced"] = fast / base["request_ms_p50"] if fast else None
+            r["request_time_ratio"] = r["request_ms_p50"] / base_ms
+            fast_ms = r["request_ms_p50_prereduced"]
+            r["request_time_ratio_prereduced"] = fast_ms / base_ms if fast_ms else None
             rows.append(r)
             print(
                 f"{backbone:<14} {variant:<8} {r['samples_per_s']:>10.0f} samples/s  x{r['train_time_ratio']:.2f} time"
                 f"   request({args.candidates}) p50 {r['request_ms_p50']:6.2f} ms  x{r['request_time_ratio']:.2f}"
-                + (f"  pre-reduced items {fast:.2f} ms x{r['request_time_ratio_prereduced']:.2f}" if fast else ""),
+                + (
+                    f"  pre-reduced items {fast_ms:.2f} ms x{r['request_time_ratio_prereduced']:.2f}" if fast_ms else ""
+                ),
                 flush=True,
             )
     meta = {
