@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -97,14 +97,14 @@ def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def load_tokenizer(model: str | None):
-    """The model's tokenizer alone (for prompt budgets): cheap, and no LLM engine is started."""
-    from transformers import AutoTokenizer
-
+def load_token_counter(model: str | None) -> tuple[P.TokenCounter, Path, str]:
+    """The model's token counter alone (for prompt budgets): no LLM engine is started, and after the first build
+    with this model not even transformers is imported (offline/knowledge/tokens.py)."""
     from offline.knowledge.models import resolve_model
+    from offline.knowledge.tokens import load_token_counter as counter_for
 
     path, name = resolve_model(model)
-    return AutoTokenizer.from_pretrained(str(path)), path, name
+    return counter_for(path), path, name
 
 
 def _model_hidden_size(path: Path) -> int:
@@ -320,13 +320,7 @@ def run_build(
     split = make_split(dataset, config.split)
 
     # 2. Prompts (the tokenizer alone is loaded to enforce the token budget).
-    tokenizer, model_path, model_name = load_tokenizer(config.backend.model)
-
-    def count_tokens(texts: Sequence[str]) -> list[int]:
-        if not texts:
-            return []
-        return [len(x) for x in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-
+    count_tokens, model_path, model_name = load_token_counter(config.backend.model)
     scen_prompts = P.scenario_prompts(dataset)
     user_prompts = P.user_prompts(dataset, split, config.prompts, count_tokens)
     item_texts = P.item_texts(dataset)

@@ -1,0 +1,123 @@
+"""The light token counter for prompt budgets: identical counts to transformers' AutoTokenizer (no special tokens
+added) on the embedded SmolLM2 and on the tiny test tokenizer, and no transformers import once cached."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from fixtures_llm import tiny_model  # noqa: F401  (fixture)
+
+from offline.knowledge import prompts as P
+from offline.knowledge import tokens
+from shared.dataset.folder import read_dataset
+from shared.dataset.split import make_split
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _texts(data_dir: Path, special: list[str]) -> list[str]:
+    """What budgets and prompts contain (history lines inside whole prompts, item texts), and edge cases."""
+    ds = read_dataset(data_dir)
+    split = make_split(ds)
+    texts = list(P.user_prompts(ds, split).values()) + list(P.item_texts(ds).values())
+    texts += list(P.scenario_prompts(ds).values())
+    lines = [line + "\n" for t in texts for line in t.split("\n")]
+    edge = ["", " ", "  two  spaces ", "tab\there", "Ünïcödé — “q” 日本語 🎬", "x" * 3000, "\n\n\n"]
+    edge += [f"a{t}b {t}{t} c {t}" for t in special]
+    return texts + lines + edge
+
+
+def _auto_counts(model_dir: Path, texts: list[str]) -> tuple[list[int], list[str]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    special = [str(t) for t in tok.added_tokens_encoder] + [tok.eos_token, tok.pad_token]
+    return [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]], special
+
+
+def _check_identical(model_dir: Path, data_dir: Path, cache: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LLM4MSR_CACHE", str(cache))
+    _, special = _auto_counts(model_dir, ["x"])
+    texts = _texts(data_dir, special)
+    expected, _ = _auto_counts(model_dir, texts)
+    first = tokens.load_token_counter(model_dir)  # through transformers; writes the cache
+    files = list(tokens.tokenizer_cache_dir().glob("*.json"))
+    assert len(files) == 1 and files[0].stem == tokens.cache_key(model_dir)
+    second = tokens.load_token_counter(model_dir)  # from the cache
+    assert first(texts) == expected
+    assert second(texts) == expected
+    assert second([]) == []
+
+
+def test_counts_identical_tiny_tokenizer(tiny_model, synth_dir, tmp_path, monkeypatch):  # noqa: F811
+    _check_identical(tiny_model, synth_dir, tmp_path / "cache", monkeypatch)
+
+
+def test_counts_identical_smollm2(synth_dir, tmp_path, monkeypatch):
+    from offline.knowledge.models import resolve_model
+
+    model_dir, _ = resolve_model(None)  # the real cache: the converted model lives there
+    _check_identical(model_dir, synth_dir, tmp_path / "cache", monkeypatch)
+
+
+def test_cached_counter_does_not_import_transformers(tiny_model, tmp_path):  # noqa: F811
+    env = dict(os.environ, PYTHONPATH=str(REPO), LLM4MSR_CACHE=str(tmp_path / "cache"))
+    code = (
+        "import sys; from pathlib import Path; from offline.knowledge.tokens import load_token_counter; "
+        f"c = load_token_counter(Path({str(tiny_model)!r})); print(c(['hello world'])[0], "
+        "'transformers' in sys.modules)"
+    )
+    runs = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        for _ in range(2)
+    ]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert runs[0].stdout.split()[1] == "True"  # the first load goes through transformers
+    assert runs[1].stdout.split() == [runs[0].stdout.split()[0], "False"]
+
+
+def test_cache_key_follows_tokenizer_files_and_bad_cache_is_rebuilt(tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("LLM4MSR_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    key = tokens.cache_key(model)
+    (model / "model.safetensors").write_bytes(b"other weights")
+    assert tokens.cache_key(model) == key  # weights do not matter
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["split_special_tokens"] = True
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert tokens.cache_key(model) != key  # tokenizer settings do
+
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(str(model))
+    text = ["a<|im_end|>b"]
+    expected = [len(x) for x in auto(text, add_special_tokens=False)["input_ids"]]
+    assert expected != [
+        len(x) for x in AutoTokenizer.from_pretrained(str(tiny_model))(text, add_special_tokens=False)["input_ids"]
+    ]
+    assert tokens.load_token_counter(model)(text) == expected  # split_special_tokens carried into the cache
+    assert tokens.load_token_counter(model)(text) == expected
+
+    file = tokens.tokenizer_cache_dir() / f"{tokens.cache_key(model)}.json"
+    file.write_text("{not json")
+    assert tokens.load_token_counter(model)(text) == expected
+    assert "tokenizer" in json.loads(file.read_text())  # rewritten
+
+
+def test_unwritable_cache_still_counts(tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    cache = tmp_path / "cache"
+    cache.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("LLM4MSR_CACHE", str(cache))
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(str(tiny_model))
+    text = ["Hello world", "- a title [Books]\n"]
+    expected = [len(x) for x in auto(text, add_special_tokens=False)["input_ids"]]
+    assert tokens.load_token_counter(tiny_model)(text) == expected
