@@ -83,9 +83,6 @@ class KnowledgeVersion:
     users: KnowledgeTable | None = None
     user_rows: dict[str, int] | None = None
     loaded_at: float = field(default_factory=time.time)
-    # Tables derived from this version by a model (e.g. its reduced item vectors), built once and dropped with it.
-    derived: dict = field(default_factory=dict, repr=False)
-    derived_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def space_id(self) -> str:

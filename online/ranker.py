@@ -7,6 +7,7 @@ started on the old model finishes on it.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ class Ranker:
     backbone: str
     loaded_at: float = field(default_factory=time.time)
     _known_items: frozenset[str] = frozenset()
+    _item_tables: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # knowledge version -> table
+    _item_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def load(cls, artifact_dir: str | Path) -> Ranker:
@@ -107,17 +110,17 @@ class Ranker:
 
     def reduced_items(self, kv) -> np.ndarray:
         """The version's in-memory item vectors through this model's frozen reduction ([n, r], rows aligned with
-        kv.items), computed once per (version, model): a request then gathers 500 small rows instead of reducing
-        500 raw ones."""
-        key = ("reduced_items", id(self))
-        table = kv.derived.get(key)
+        kv.items), computed once per knowledge version: a request then gathers 500 small rows instead of reducing
+        500 raw ones. The two newest versions are kept (requests in flight may still use the previous one)."""
+        table = self._item_tables.get(kv.version)
         if table is None:
-            with kv.derived_lock:
-                table = kv.derived.get(key)
+            with self._item_lock:
+                table = self._item_tables.get(kv.version)
                 if table is None:
                     started = time.perf_counter()
                     table = self.scorer.reduce_items(kv.items.matrix)
-                    kv.derived[key] = table
+                    newest = list(self._item_tables.items())[-1:]
+                    self._item_tables = {**dict(newest), kv.version: table}
                     log.info(
                         "reduced %d item vectors of knowledge %s for model %s in %.2f s",
                         len(table),

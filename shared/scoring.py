@@ -123,29 +123,24 @@ class RequestScorer:
         if n == 0:
             return np.zeros(0, dtype=np.float32)
         fields, scen = self.encoder.encode_request(scenario, user_id, item_ids, features)
-        reduced: frozenset[str] = frozenset()
+        item_reduced = None
         if "item" in self.needs_levels and knowledge.item_reduced is not None:
             items = np.array(knowledge.item_reduced, dtype=np.float32)  # a writable copy for torch
             if items.shape != (n, self.reduced_dim):
                 raise UserFacingError(
                     f"reduced item knowledge has shape {items.shape}, expected {(n, self.reduced_dim)}"
                 )
-            item = torch.from_numpy(items)
-            reduced = frozenset({"item"})
-        else:
-            item = self._vector("item", knowledge.item_vecs, n)
+            item_reduced = torch.from_numpy(items)
         kn = {
             "scenario": self._vector("scenario", knowledge.scenario_vec, None),
             "user": self._vector("user", knowledge.user_vec, None),
-            "item": item,
+            "item": None if item_reduced is not None else self._vector("item", knowledge.item_vecs, n),
         }
+        fields_t, scen_t = torch.from_numpy(fields), torch.from_numpy(scen)
         if self.request_path is not None:
-            item_reduced = item if reduced else None
-            logits = self.model.forward_request(
-                torch.from_numpy(fields), torch.from_numpy(scen), self.request_path, kn, item_reduced
-            )
-        else:
-            logits = self.model(torch.from_numpy(fields), torch.from_numpy(scen), kn, reduced)
+            logits = self.model.forward_request(fields_t, scen_t, self.request_path, kn, item_reduced)
+        else:  # no LLM knowledge (plain backbone, id/random controls): nothing to fold
+            logits = self.model(fields_t, scen_t, kn)
         return torch.sigmoid(logits).numpy().astype(np.float32)
 
     @torch.inference_mode()

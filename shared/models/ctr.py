@@ -53,7 +53,7 @@ class CTRModel(nn.Module):
         fields: torch.Tensor,
         scenario: torch.Tensor,
         knowledge: dict[str, torch.Tensor | None] | None = None,
-        reduced: bool | frozenset[str] = False,
+        reduced: bool = False,
     ) -> torch.Tensor:
         """fields [B, F] vocabulary indices, scenario [B] in 0..S-1, knowledge {level: [B or 1, d]} -> logits [B]."""
         x = self.embedding(fields + self.offsets).flatten(1)

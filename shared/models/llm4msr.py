@@ -173,9 +173,7 @@ class LLM4MSR(nn.Module):
         centred = torch.nan_to_num(raw - getattr(self, f"mean_{level}"), nan=0.0)
         return centred @ getattr(self, f"basis_{level}")
 
-    def _source(
-        self, level: str, raw: torch.Tensor | None, index: torch.Tensor, reduced: frozenset[str]
-    ) -> torch.Tensor:
+    def _source(self, level: str, raw: torch.Tensor | None, index: torch.Tensor, reduced: bool) -> torch.Tensor:
         """A level's knowledge before the learned projection: reduced LLM vectors, ID or random embeddings."""
         src = self.config.knowledge_source
         if src == "id":
@@ -184,31 +182,27 @@ class LLM4MSR(nn.Module):
             return getattr(self, f"random_{level}")[index]
         if raw is None:
             raise UserFacingError(f"this model needs {level}-level knowledge vectors")
-        return raw if level in reduced else self.reduce(level, raw)
+        return raw if reduced else self.reduce(level, raw)
 
     def forward(
         self,
         x: torch.Tensor,
         index: dict[str, torch.Tensor],
         raw: dict[str, torch.Tensor | None],
-        reduced: bool | frozenset[str] = False,
+        reduced: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, D] -> (backbone input [B, D'], parallel logit [B] or None).
 
         raw[level] is [B, d] or [1, d] (one request: computed once and broadcast); index[level] is [B]. In
         training (reduced=True) the vectors come already reduced, and raw["scenario"] is the [S, r] table of all
-        scenarios: the scenario level is then computed once per scenario and gathered. `reduced` may also name the
-        levels that come reduced (the ranker passes item vectors it reduced once per knowledge version).
+        scenarios: the scenario level is then computed once per scenario and gathered. (Serving uses the folded
+        RequestPath instead, see fold_for_requests.)
         """
-        if reduced is True:
-            reduced = frozenset(self.config.levels)
-        elif not reduced:
-            reduced = frozenset()
         src = self.config.knowledge_source
         # The scenario level depends on the scenario only: compute it on the S scenarios and gather, unless this
         # is one request (its [1, d] scenario vector is computed once and broadcast anyway).
         per_scenario = "scenario" in self.config.levels and (
-            src != "llm" or ("scenario" in reduced and raw["scenario"].shape[0] == self.n_scenarios)
+            src != "llm" or (reduced and raw["scenario"].shape[0] == self.n_scenarios)
         )
         vec = {}  # each level's knowledge before projection; the scenario's as an [S, r] table when per_scenario
         for lv in self.config.levels:
