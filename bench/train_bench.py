@@ -96,8 +96,10 @@ def bench_one(backbone, levels, dataset, split, snapshot, encoder, args) -> dict
         idx = perm[step * args.batch_size : (step + 1) * args.batch_size]
         t0 = time.perf_counter()
         loss = loss_fn(
-            model(data.fields[idx], data.scenario[idx], batch_knowledge(tables, data, idx), tables is not None),
-            data.label[idx],
+            model(
+                data.rows("fields", idx), data.rows("scenario", idx), batch_knowledge(tables, data, idx), tables is not None
+            ),
+            data.rows("label", idx),
         )
         optim.zero_grad()
         loss.backward()

@@ -72,6 +72,12 @@ class Arrays:
     def __len__(self) -> int:
         return len(self.label)
 
+    def rows(self, name: str, idx: torch.Tensor | slice) -> torch.Tensor:
+        """Rows idx of one column: a view for a slice, index_select for indices (about 5x faster than advanced
+        indexing on CPU, which matters at one gather per column per step)."""
+        column = getattr(self, name)
+        return column[idx] if isinstance(idx, slice) else column.index_select(0, idx)
+
 
 class KnowledgeTables:
     """Snapshot vectors as tensors aligned for gathering: scenarios by scenario index, users with the default
@@ -135,17 +141,20 @@ def encode_split(frame: pd.DataFrame, encoder: FeatureEncoder, tables: Knowledge
     )
 
 
-def batch_knowledge(tables: KnowledgeTables | None, data: Arrays, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+def batch_knowledge(
+    tables: KnowledgeTables | None, data: Arrays, idx: torch.Tensor | slice
+) -> dict[str, torch.Tensor]:
     if tables is None:
         return {}
     out = {}
     if "scenario" in tables.tables:
         # Reduced tables: the wrapper takes all S scenario vectors and gathers per row itself.
-        out["scenario"] = tables.tables["scenario"] if tables.reduced else tables.tables["scenario"][data.scenario[idx]]
+        table = tables.tables["scenario"]
+        out["scenario"] = table if tables.reduced else table.index_select(0, data.rows("scenario", idx))
     if "user" in tables.tables:
-        out["user"] = tables.tables["user"][data.user_row[idx]]
+        out["user"] = tables.tables["user"].index_select(0, data.rows("user_row", idx))
     if "item" in tables.tables:
-        out["item"] = tables.tables["item"][data.item_row[idx]]
+        out["item"] = tables.tables["item"].index_select(0, data.rows("item_row", idx))
     return out
 
 
@@ -170,9 +179,11 @@ def predict(model: CTRModel, tables: KnowledgeTables | None, data: Arrays, batch
     model.eval()
     out = np.zeros(len(data), dtype=np.float32)
     for start in range(0, len(data), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(data)))
-        logits = model(data.fields[idx], data.scenario[idx], batch_knowledge(tables, data, idx), _reduced(tables))
-        out[start : start + len(idx)] = torch.sigmoid(logits).numpy()
+        idx = slice(start, min(start + batch_size, len(data)))
+        logits = model(
+            data.rows("fields", idx), data.rows("scenario", idx), batch_knowledge(tables, data, idx), _reduced(tables)
+        )
+        out[idx] = torch.sigmoid(logits).numpy()
     return out
 
 
@@ -295,8 +306,8 @@ def train(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, cf
         for start in range(0, n, cfg.batch_size):
             idx = perm[start : start + cfg.batch_size]
             kn = batch_knowledge(tables, train_data, idx)
-            logits = model(train_data.fields[idx], train_data.scenario[idx], kn, _reduced(tables))
-            loss = loss_fn(logits, train_data.label[idx])
+            logits = model(train_data.rows("fields", idx), train_data.rows("scenario", idx), kn, _reduced(tables))
+            loss = loss_fn(logits, train_data.rows("label", idx))
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()

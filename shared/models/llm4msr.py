@@ -223,7 +223,8 @@ class LLM4MSR(nn.Module):
                 part = layer.part(0, vec["scenario"], self.proj["scenario"])
                 per_scenario_parts.extend(layer.generate(part) if j == 0 else [part])
             widths = [t.shape[1] for t in per_scenario_parts]
-            gathered = iter(torch.split(torch.cat(per_scenario_parts, 1)[index["scenario"]], widths, 1))
+            table = torch.cat(per_scenario_parts, 1)
+            gathered = iter(torch.split(table.index_select(0, index["scenario"]), widths, 1))
         for j, layer in enumerate(self.meta):
             if per_scenario and j == 0:
                 gains, bias = next(gathered), next(gathered)
@@ -235,13 +236,9 @@ class LLM4MSR(nn.Module):
                         pre = part if pre is None else pre + part
                 gains, bias = layer.generate(pre)
             h = layer.apply(h, gains, bias)
-        if self.bottom is not None and self.parallel is not None:  # both outputs from one product
-            weight = torch.cat([self.bottom.weight, self.parallel.weight])
-            delta, z = torch.split(
-                F.linear(h, weight, torch.cat([self.bottom.bias, self.parallel.bias])), [x.shape[1], 1], 1
-            )
-            return x + delta, z.squeeze(-1)
-        x_out = x + self.bottom(h) if self.bottom is not None else x
+        # Separate products, not one [B, D+1] product split in two: its odd width and the split (a [B, D+1]
+        # gradient concatenation in backward) cost more than the extra [B, m] x [m] product.
+        x_out = self.bottom(h).add_(x) if self.bottom is not None else x
         z = self.parallel(h).squeeze(-1) if self.parallel is not None else None
         return x_out, z
 
