@@ -97,7 +97,10 @@ def bench_one(backbone, levels, dataset, split, snapshot, encoder, args) -> dict
         t0 = time.perf_counter()
         loss = loss_fn(
             model(
-                data.rows("fields", idx), data.rows("scenario", idx), batch_knowledge(tables, data, idx), tables is not None
+                data.rows("fields", idx),
+                data.rows("scenario", idx),
+                batch_knowledge(tables, data, idx),
+                tables is not None,
             ),
             data.rows("label", idx),
         )

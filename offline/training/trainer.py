@@ -141,9 +141,7 @@ def encode_split(frame: pd.DataFrame, encoder: FeatureEncoder, tables: Knowledge
     )
 
 
-def batch_knowledge(
-    tables: KnowledgeTables | None, data: Arrays, idx: torch.Tensor | slice
-) -> dict[str, torch.Tensor]:
+def batch_knowledge(tables: KnowledgeTables | None, data: Arrays, idx: torch.Tensor | slice) -> dict[str, torch.Tensor]:
     if tables is None:
         return {}
     out = {}
