@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from offline.knowledge.backends import BackendConfig, make_backend
-from offline.knowledge.backends.vllm_backend import find_vllm_python
+from offline.knowledge.backends.vllm_backend import enforce_eager, find_vllm_python
 
 TEXTS = [
     "Item: fletcher terry framers stacked points\nCategory: arts crafts sewing picture framing",
@@ -20,6 +20,21 @@ TEXTS = [
     "Describe this user's interests in each scenario.",
     "x",
 ]
+
+
+def test_vllm_runs_eager_on_cpu_and_with_cuda_graphs_on_a_gpu_unless_told():
+    """Eager mode skips torch.compile and CUDA graphs: right for CPU start-up time, wrong for GPU decode speed."""
+    from llm4msr_cli import build_parser
+    from offline.knowledge.cli import config_from_args
+
+    assert enforce_eager(BackendConfig(backend="vllm")) is True
+    assert enforce_eager(BackendConfig(backend="vllm", device="cuda")) is False
+    assert enforce_eager(BackendConfig(backend="vllm", device="cuda:1", vllm_eager=True)) is True
+    assert enforce_eager(BackendConfig(backend="vllm", vllm_eager=False)) is False
+    base = ["knowledge", "build", "--data", "d", "--out", "o", "--backend", "vllm", "--device", "cuda"]
+    for flags, eager in (([], False), (["--vllm-eager"], True), (["--no-vllm-eager"], False)):
+        config = config_from_args(build_parser().parse_args(base + flags)).backend
+        assert enforce_eager(config) is eager, flags
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--threads", type=int, default=0, help="torch/CPU threads (0 = library default)")
     b.add_argument("--no-chat-template", action="store_true", help="prompt the model without its chat template")
     b.add_argument("--vllm-python", default=None, help="python of the vllm environment (env LLM4MSR_VLLM_PYTHON)")
+    b.add_argument(
+        "--vllm-eager",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="vllm: run eagerly (default: eager on CPU; CUDA graphs and torch.compile on a GPU)",
+    )
     b.add_argument("--max-items-per-scenario", type=int, default=20)
     b.add_argument("--history-token-budget", type=int, default=256)
     b.add_argument("--reduce-dim", type=int, default=None, help="PCA to this dimension (defines the space)")
@@ -70,6 +76,7 @@ def config_from_args(args: argparse.Namespace):
         threads=args.threads,
         chat_template=not args.no_chat_template,
         vllm_python=args.vllm_python,
+        vllm_eager=args.vllm_eager,
     )
     return KnowledgeConfig(
         data=args.data,

@@ -102,6 +102,11 @@ class _Engine:
             time.sleep(0.5)
 
 
+def enforce_eager(config: BackendConfig) -> bool:
+    """vLLM's enforce_eager for this configuration: explicit vllm_eager, else eager on CPU only."""
+    return config.vllm_eager if config.vllm_eager is not None else config.device == "cpu"
+
+
 def _cpu_bind(threads: int) -> str:
     """The cores for VLLM_CPU_OMP_THREADS_BIND: this process's allowed cores, the first `threads` of them if set."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
@@ -150,6 +155,7 @@ class VLLMBackend(Backend):
             "dtype": self.config.dtype,
             "device": self.config.device,
             "max_model_len": self.config.max_length,
+            "enforce_eager": enforce_eager(self.config),
             "gpu_memory_utilization": self.config.gpu_memory_utilization,
         }
 

@@ -24,7 +24,7 @@ def make_engine(cfg: dict):
     common = dict(
         model=cfg["model"],
         dtype=cfg.get("dtype", "bfloat16"),
-        enforce_eager=cfg.get("enforce_eager", True),
+        enforce_eager=cfg["enforce_eager"],
         max_model_len=cfg.get("max_model_len", 2048),
         seed=0,
         trust_remote_code=False,
