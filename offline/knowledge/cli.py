@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--ray-address", default=None, help="existing Ray cluster (default: a local Ray)")
     b.add_argument("--ray-gpus-per-worker", type=float, default=0.0)
     b.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
-    b.add_argument("--device", default="cpu", help="hf backend: cpu, cuda, cuda:1 ...")
+    b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (vllm: cpu or any GPU device)")
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--max-new-tokens", type=int, default=96)
     b.add_argument("--threads", type=int, default=0, help="torch/CPU threads (0 = library default)")
