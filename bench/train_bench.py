@@ -16,6 +16,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,8 @@ def random_snapshot(dataset, split, root: Path, dim: int) -> KnowledgeSnapshot:
     return KnowledgeSnapshot(vdir)
 
 
-def bench_one(backbone, levels, dataset, split, snapshot, encoder, args) -> dict:
+def bench_one(backbone, levels, dataset, split, snapshot, encoder, args) -> tuple[dict, dict[str, Callable]]:
+    """Trains a few timed steps; returns the results and the request calls that time_requests times."""
     cfg = TrainConfig(
         backbone=backbone,
         llm4msr=levels is not None,
@@ -146,7 +148,7 @@ def bench_one(backbone, levels, dataset, split, snapshot, encoder, args) -> dict
     return result, requests
 
 
-def time_requests(calls: dict[str, dict], total: int, rounds: int) -> dict[str, list[float]]:
+def time_requests(calls: dict[str, dict[str, Callable]], total: int, rounds: int) -> dict[tuple[str, str], list[float]]:
     """Times every variant's request in alternating rounds (each round a different order), so that background
     load on a shared machine hits all variants alike; returns the seconds of every call per (variant, kind)."""
     keys = [(v, kind) for v, kinds in calls.items() for kind in kinds]

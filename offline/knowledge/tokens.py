@@ -17,13 +17,13 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from offline.knowledge.prompts import TokenCounter
 
-TokenCounter = Callable[[Sequence[str]], list[int]]
+log = logging.getLogger(__name__)
 
 # Files never read by a tokenizer (weights): left out of the cache key, everything else in the folder is hashed.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".ckpt")
@@ -92,7 +92,9 @@ def _backend_counter(tokenizer) -> TokenCounter:
     return count
 
 
-def _auto_counter(tokenizer) -> TokenCounter:
+def auto_tokenizer_counter(tokenizer) -> TokenCounter:
+    """Counts with a transformers tokenizer, no special tokens added (what every prompt budget uses)."""
+
     def count(texts: Sequence[str]) -> list[int]:
         if not texts:
             return []
@@ -137,7 +139,7 @@ def _plain_backend(auto):
     tok.no_padding()
     # Belt and braces: the copy must count like transformers on probes, its special and added tokens included.
     probes = _PROBES + [f"{p}{t} x{t}" for t in auto.added_tokens_encoder for p in ("a", "")]
-    if _backend_counter(tok)(probes) != _auto_counter(auto)(probes):
+    if _backend_counter(tok)(probes) != auto_tokenizer_counter(auto)(probes):
         log.warning("the serialized tokenizer of %s counts differently from transformers: not cached", auto)
         return None
     return tok, tok.encode_special_tokens
@@ -171,7 +173,7 @@ def load_token_counter(path: Path) -> TokenCounter:
     auto = AutoTokenizer.from_pretrained(str(path))
     plain = _plain_backend(auto)
     if plain is None:
-        return _auto_counter(auto)
+        return auto_tokenizer_counter(auto)
     if file is not None:
         _write_cache(file, *plain)
     return _backend_counter(plain[0])

@@ -56,7 +56,7 @@ class CTRModel(nn.Module):
         reduced: bool = False,
     ) -> torch.Tensor:
         """fields [B, F] vocabulary indices, scenario [B] in 0..S-1, knowledge {level: [B or 1, d]} -> logits [B]."""
-        x = self.embedding(fields + self.offsets).flatten(1)
+        x = self._embed(fields)
         z = None
         if self.wrapper is not None:
             index = {
@@ -65,8 +65,7 @@ class CTRModel(nn.Module):
                 "item": fields[:, self.pos[ITEM]],
             }
             x, z = self.wrapper(x, index, knowledge or {}, reduced)
-        logit = self.backbone(x, scenario)
-        return logit + z if z is not None else logit
+        return self._logit(x, scenario, z)
 
     def forward_request(
         self,
@@ -77,7 +76,12 @@ class CTRModel(nn.Module):
         item_reduced: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """forward() for one request through the wrapper folded by LLM4MSR.fold_for_requests (eval only)."""
-        x = self.embedding(fields + self.offsets).flatten(1)
-        x, z = path(x, raw, item_reduced)
+        x, z = path(self._embed(fields), raw, item_reduced)
+        return self._logit(x, scenario, z)
+
+    def _embed(self, fields: torch.Tensor) -> torch.Tensor:
+        return self.embedding(fields + self.offsets).flatten(1)
+
+    def _logit(self, x: torch.Tensor, scenario: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         logit = self.backbone(x, scenario)
         return logit + z if z is not None else logit

@@ -289,13 +289,6 @@ class LLM4MSR(nn.Module):
             gen_b[start : start + layer.rank] += 1.0
             gen_b[start + layer.rank : start + widths[j]] += layer.v.bias.to(f64)
             start += widths[j]
-        out_w, out_b = [], []
-        if self.bottom is not None:
-            out_w.append(self.bottom.weight.to(f64).T)
-            out_b.append(self.bottom.bias.to(f64))
-        if self.parallel is not None:
-            out_w.append(self.parallel.weight.to(f64).T)
-            out_b.append(self.parallel.bias.to(f64))
         item = None
         if c.uses_item:
             a, a_bias = affine["item"]
@@ -316,12 +309,11 @@ class LLM4MSR(nn.Module):
             layers=tuple(
                 (layer.u.weight.T.contiguous(), layer.v.weight.T.contiguous(), layer.rank) for layer in self.meta
             ),
-            out_w=torch.cat(out_w, dim=1).float() if out_w else None,
-            out_b=torch.cat(out_b).float() if out_b else None,
-            bottom=self.bottom is not None,
-            parallel=self.parallel is not None,
+            bottom=self.bottom.weight.T.contiguous() if self.bottom is not None else None,
+            bottom_b=self.bottom.bias.clone() if self.bottom is not None else None,
+            parallel=self.parallel.weight[0].clone() if self.parallel is not None else None,
+            parallel_b=self.parallel.bias.clone() if self.parallel is not None else None,
             item=item,
-            x_dim=self.x_dim,
             proj_dim=p,
         )
 
@@ -342,7 +334,7 @@ class RequestPath:
 
     Per request: one [1, L*d] x [L*d, H] product gives every hypernetwork's hidden layer (and k_u), one more gives
     all generated gains and biases, and each meta layer becomes a single [in, out] matrix. Per candidate: one
-    matrix product + ReLU per meta layer and one for the bottom and parallel outputs together.
+    matrix product + ReLU per meta layer, then the bottom output (added to x) and the parallel logit.
     """
 
     levels: tuple[str, ...]
@@ -353,12 +345,11 @@ class RequestPath:
     gen_w: torch.Tensor  # [H, sum(r_j + out_j)]
     gen_b: torch.Tensor
     layers: tuple[tuple[torch.Tensor, torch.Tensor, int], ...]  # (U^T [in, r], V^T [r, out], r)
-    out_w: torch.Tensor | None  # [meta_dim, x_dim (bottom) + 1 (parallel)]
-    out_b: torch.Tensor | None
-    bottom: bool
-    parallel: bool
+    bottom: torch.Tensor | None  # [meta_dim, x_dim]
+    bottom_b: torch.Tensor | None
+    parallel: torch.Tensor | None  # [meta_dim]
+    parallel_b: torch.Tensor | None
     item: ItemFold | None
-    x_dim: int
     proj_dim: int
 
     def __call__(
@@ -397,9 +388,7 @@ class RequestPath:
             h = x
         for w, b in zip(weights, biases):
             h = torch.relu_(torch.addmm(b, h, w))
-        if self.out_w is None:
-            return x, None
-        out = torch.addmm(self.out_b, h, self.out_w)
-        x_out = x + out[:, : self.x_dim] if self.bottom else x
-        z = out[:, -1] if self.parallel else None
+        # As in the module: separate products, the bottom one accumulated onto x.
+        x_out = torch.addmm(self.bottom_b, h, self.bottom).add_(x) if self.bottom is not None else x
+        z = torch.addmv(self.parallel_b, h, self.parallel) if self.parallel is not None else None
         return x_out, z

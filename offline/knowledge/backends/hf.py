@@ -13,6 +13,7 @@ import numpy as np
 
 from offline.knowledge.backends.base import POOLINGS, Backend, BackendConfig, Progress
 from offline.knowledge.models import resolve_model
+from offline.knowledge.tokens import auto_tokenizer_counter
 from shared.errors import UserFacingError
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,7 @@ class HFBackend(Backend):
         log.info("hf backend: %s (%s, %s, hidden %d)", self.model_name, config.dtype, config.device, self.hidden_size)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        if not texts:
-            return []
-        enc = self.tokenizer(list(texts), add_special_tokens=False)
-        return [len(ids) for ids in enc["input_ids"]]
+        return auto_tokenizer_counter(self.tokenizer)(texts)
 
     def _batches(self, texts: Sequence[str]):
         """Index batches in length order (longest first, so a memory problem shows at once)."""

@@ -23,6 +23,7 @@ import numpy as np
 from offline.knowledge.backends.base import POOLINGS, Backend, BackendConfig, Progress
 from offline.knowledge.backends.hf import apply_chat_template
 from offline.knowledge.models import resolve_model
+from offline.knowledge.tokens import auto_tokenizer_counter
 from shared.errors import UserFacingError
 
 log = logging.getLogger(__name__)
@@ -160,9 +161,7 @@ class VLLMBackend(Backend):
         }
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        if not texts:
-            return []
-        return [len(x) for x in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+        return auto_tokenizer_counter(self.tokenizer)(texts)
 
     def generate(self, prompts: Sequence[str], progress: Progress | None = None) -> list[str]:
         if not prompts:
