@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.required import require
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -84,8 +86,10 @@ def redis_server(tmp_path):
 
 @pytest.fixture
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real datasets not present at {SHARED_DATA} (only the project's CI and dev machines have them)")
+    require(
+        SHARED_DATA.is_dir(),
+        f"real datasets not present at {SHARED_DATA} (only the project's CI and dev machines have them)",
+    )
     return SHARED_DATA
 
 

@@ -30,6 +30,7 @@ from tests.fixtures_deploy import (
     start_prometheus,
 )
 from tests.fixtures_serving import build_world, publish, rank_body, start_server
+from tests.required import require
 
 P99_TITLE = "/rank latency percentiles"
 
@@ -82,7 +83,8 @@ def send_load(world, base_url: str, n: int, seconds: float) -> list[float]:
             assert r.status_code == 200, r.text
             time.sleep(seconds / n)
         # one 4xx so the error-ratio series has a non-2xx status too
-        assert client.post("/rank", json=rank_body(world.users[0], "no-such-scenario", world.items[:2])).status_code
+        bad = client.post("/rank", json=rank_body(world.users[0], "no-such-scenario", world.items[:2]))
+        assert bad.status_code == 422, bad.text
     return latencies
 
 
@@ -117,8 +119,8 @@ def test_every_dashboard_and_alert_metric_is_exported(world, ranker):
     assert created == pytest.approx(1704067200.0)  # 2024-01-01T00:00:00Z in the test snapshot
 
 
-@pytest.mark.skipif(prometheus_exe() is None, reason="prometheus not installed (Debian package; .ci/run installs it)")
 def test_prometheus_scrapes_ranker_and_dashboard_p99_is_a_number(world, ranker, tmp_path):
+    require(prometheus_exe(), "prometheus not installed (Debian package; .ci/run installs it)")
     base, prom = start_prometheus(tmp_path, f"127.0.0.1:{ranker.port}")
     try:
         # the ranker is a healthy target before the load starts

@@ -34,6 +34,7 @@ from tests.fixtures_deploy import (
     metric_names,
     promtool_exe,
 )
+from tests.required import require
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SCRIPTS = PYPROJECT["project"]["scripts"]
@@ -208,7 +209,8 @@ def test_compose_healthchecks_ports_and_dependencies(compose):
     ranker = services["ranker"]
     port = option(ranker["command"], "--port")
     assert option(ranker["command"], "--host") == "0.0.0.0", "the ranker must listen beyond the container's loopback"
-    assert f"{port}:{port}" in ranker["ports"]
+    loopback = "${LLM4MSR_BIND_ADDRESS:-127.0.0.1}"
+    assert f"{loopback}:{port}:{port}" in ranker["ports"]
     health = " ".join(ranker["healthcheck"]["test"])
     assert f"127.0.0.1:{port}/readyz" in health
     for name, svc in services.items():
@@ -220,8 +222,22 @@ def test_compose_healthchecks_ports_and_dependencies(compose):
     for name in ("ranker", "knowledge-refresh"):
         url = option(services[name]["command"], "--redis-url")
         assert url == "redis://redis:6379/0", f"{name}: {url}"
-    assert "9090:9090" in services["prometheus"]["ports"]
-    assert "3000:3000" in services["grafana"]["ports"]
+    assert f"{loopback}:9090:9090" in services["prometheus"]["ports"]
+    assert f"{loopback}:3000:3000" in services["grafana"]["ports"]
+    # every published port binds to loopback unless the operator says otherwise
+    for name, svc in services.items():
+        for mapping in svc.get("ports") or []:
+            assert str(mapping).startswith(loopback + ":"), f"{name} publishes {mapping} on every interface"
+
+
+def test_compose_exposes_no_admin_surface_with_defaults(compose):
+    services = compose["services"]
+    assert not any("enable-lifecycle" in str(a) for a in services["prometheus"]["command"])
+    env = services["grafana"]["environment"]
+    # ${VAR:?message}: compose refuses to start without a password; there is no default one
+    assert env["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "${GRAFANA_ANONYMOUS:-false}"
+    assert "LLM4MSR_ADMIN_TOKEN" not in " ".join(map(str, services["ranker"]["command"]))
 
 
 def test_gpu_profile_reserves_a_gpu_and_uses_vllm(compose):
@@ -253,8 +269,8 @@ def test_prometheus_config_scrapes_the_ranker(compose):
     assert any('job="llm4msr-ranker"' in r["expr"] for r in alert_rules())
 
 
-@pytest.mark.skipif(promtool_exe() is None, reason="promtool not installed (Debian package prometheus)")
 def test_promtool_accepts_config_and_rules():
+    require(promtool_exe(), "promtool not installed (Debian package prometheus; .ci/run installs it)")
     out = subprocess.run(
         [promtool_exe(), "check", "config", str(PROMETHEUS_DIR / "prometheus.yml")],
         capture_output=True,
