@@ -11,6 +11,13 @@ Two stores behind one interface:
 
 A request takes `store.current()` once and uses that immutable `KnowledgeVersion` to the end, so a version swap
 never mixes two versions inside one answer.
+
+The Redis store never SCANs: ids come from the id lists the publisher writes with each version, and every vector
+read is checked against the version's dim. A version whose name is not a valid version (a bad `current` pointer),
+whose id lists are missing, or whose scenario or default user vector has the wrong length is refused (logged,
+listed in /readyz, the current version keeps serving); a user or item vector of the wrong length is a counted
+fallback (reason "corrupt", the default user vector / NaN = the level's average). The Redis URL is logged with its
+password masked.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import json
 import logging
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,13 +36,15 @@ import numpy as np
 
 from shared.errors import UserFacingError
 from shared.knowledge import keys
-from shared.knowledge.snapshot import LATEST, KnowledgeSnapshot, KnowledgeTable, Manifest, resolve_snapshot_dir
+from shared.knowledge.snapshot import LATEST, LEVELS, KnowledgeSnapshot, KnowledgeTable, Manifest, resolve_snapshot_dir
+from shared.redact import redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
 # Fallback reasons (also the `reason` label of llm4msr_knowledge_fallback_total).
 UNKNOWN = "unknown"  # no vector for this id in the version: default (user) or NaN = average (item)
 REDIS_UNAVAILABLE = "redis_unavailable"  # Redis could not be asked: default (user) or NaN = average (item)
+CORRUPT = "corrupt"  # the stored vector has the wrong length for the version's dim: default (user) or NaN (item)
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,8 @@ class KnowledgeVersion:
     items: ItemVectors
     # False when only part of the catalogue fit in memory: the rest is fetched per request.
     items_complete: bool = True
+    # Item ids whose stored vector had the wrong length: left out of `items`, reported as "corrupt" fallbacks.
+    corrupt_items: frozenset[str] = frozenset()
     # Snapshot store only: the users table in memory.
     users: KnowledgeTable | None = None
     user_rows: dict[str, int] | None = None
@@ -179,7 +191,15 @@ class KnowledgeStore:
             try:
                 self.refresh()
             except Exception:  # the poller must survive anything; the old version keeps serving
-                log.exception("knowledge refresh failed; still serving %s", self.version_name())
+                log.error(
+                    "knowledge refresh failed; still serving %s\n%s",
+                    self.version_name(),
+                    self.redact(traceback.format_exc()),
+                )
+
+    def redact(self, text: object) -> str:
+        """Text safe to log or return (the Redis store masks its URL's password)."""
+        return str(text)
 
     def version_name(self) -> str | None:
         cur = self._current
@@ -271,6 +291,28 @@ class KnowledgeStore:
     def _items_from_memory(kv: KnowledgeVersion, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         return take_item_rows(kv.items, kv.items.matrix, item_ids)
 
+    def _refuse(self, version: str, why: str) -> None:
+        """Keeps serving the current version and never retries this one (until `current` names another)."""
+        key = version[:200]
+        if key not in self.refused:
+            log.error("not swapping knowledge: %s; still serving %s", self.redact(why), self.version_name())
+        self.refused[key] = self.redact(why)
+
+
+def missing_item_fallbacks(kv: KnowledgeVersion, item_ids: Sequence[str], found: np.ndarray) -> list[Fallback]:
+    """The fallbacks of items not found in memory: "corrupt" where the version's stored vector had the wrong length,
+    "unknown" otherwise (one Fallback per reason, with its count)."""
+    missing = int(len(found) - found.sum())
+    if not missing:
+        return []
+    corrupt = 0
+    if kv.corrupt_items:
+        corrupt = sum(1 for i in np.flatnonzero(~found) if item_ids[i] in kv.corrupt_items)
+    out = [Fallback("item", UNKNOWN, missing - corrupt)] if missing > corrupt else []
+    if corrupt:
+        out.append(Fallback("item", CORRUPT, corrupt))
+    return out
+
 
 def take_item_rows(items: ItemVectors, matrix: np.ndarray, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Rows of `matrix` (aligned with items.ids: the raw vectors or a table derived from them) for item_ids, and
@@ -351,9 +393,7 @@ class SnapshotKnowledgeStore(KnowledgeStore):
         item_vecs = None
         if item_ids is not None:
             item_vecs, found = self._items_from_memory(kv, item_ids)
-            missing = int(len(found) - found.sum())
-            if missing:
-                fallbacks.append(Fallback("item", UNKNOWN, missing))
+            fallbacks.extend(missing_item_fallbacks(kv, item_ids, found))
         return Fetched(user_vec, item_vecs, fallbacks)
 
     def user_response(self, kv: KnowledgeVersion, user_id: str) -> tuple[str | None, list[Fallback]]:
@@ -378,7 +418,7 @@ def _redis_client(url: str, timeout_s: float):
 
 
 class RedisKnowledgeStore(KnowledgeStore):
-    """Knowledge published to Redis (DESIGN section 5 key layout)."""
+    """Knowledge published to Redis (key layout: shared/knowledge/keys.py)."""
 
     kind = "redis"
 
@@ -395,15 +435,24 @@ class RedisKnowledgeStore(KnowledgeStore):
     ):
         super().__init__(expected_space_id, poll_interval_s)
         self.url = url
+        self.shown_url = redact_url(url)  # the only form of the URL that is ever logged or returned
         self.retry_s = retry_s
         self.item_preload_limit = item_preload_limit
-        self.fast = _redis_client(url, timeout_s)  # request path
-        self.slow = _redis_client(url, max(2.0, timeout_s))  # poller and version loads
+        try:
+            self.fast = _redis_client(url, timeout_s)  # request path
+            self.slow = _redis_client(url, max(2.0, timeout_s))  # poller and version loads
+        except ValueError as exc:
+            raise UserFacingError(f"invalid Redis URL {self.shown_url}: {self.redact(exc)}") from None
         self.cache = LRU(user_cache_size)
         self._down_until = 0.0
         self._down_since: float | None = None
         self.errors = 0
+        self.corrupt_vectors = 0  # user/item vectors of the wrong length met on the request path
+        self._corrupt_logged: set[str] = set()  # versions whose first corrupt vector was logged
         self.on_redis_error = on_redis_error
+
+    def redact(self, text: object) -> str:
+        return redact_text(text, self.url)
 
     # -- breaker ------------------------------------------------------------------------------------
     @property
@@ -414,7 +463,7 @@ class RedisKnowledgeStore(KnowledgeStore):
         self.errors += 1
         if self._down_since is None:
             self._down_since = time.monotonic()
-            log.warning("Redis unreachable (%s); serving from cache/defaults", exc)
+            log.warning("Redis at %s unreachable (%s); serving from cache/defaults", self.shown_url, self.redact(exc))
         self._down_until = time.monotonic() + self.retry_s
         if self.on_redis_error is not None:
             self.on_redis_error()
@@ -437,28 +486,42 @@ class RedisKnowledgeStore(KnowledgeStore):
             self._mark_down(exc)
             if initial:
                 log.warning(
-                    "cannot read %s from Redis at %s (%s); not ready until it answers", keys.CURRENT, self.url, exc
+                    "cannot read %s from Redis at %s (%s); not ready until it answers",
+                    keys.CURRENT,
+                    self.shown_url,
+                    self.redact(exc),
                 )
             return
         self._mark_up()
         if raw is None:
             if initial:
                 log.warning(
-                    "no knowledge published at %s yet (%s unset); not ready until there is", self.url, keys.CURRENT
+                    "no knowledge published at %s yet (%s unset); not ready until there is",
+                    self.shown_url,
+                    keys.CURRENT,
                 )
             return
-        version = raw.decode()
+        version = raw.decode(errors="replace")
         cur = self._current
         if cur is not None and cur.version == version:
             return
-        if version in self.refused and not initial:
+        if version[:200] in self.refused and not initial:
             return
         try:
             kv = self.load(version)
         except redis.RedisError as exc:
             self._mark_down(exc)
             if initial:
-                log.warning("cannot load knowledge %s from Redis (%s); not ready until it can", version, exc)
+                log.warning(
+                    "cannot load knowledge %s from Redis (%s); not ready until it can", version, self.redact(exc)
+                )
+            return
+        except UserFacingError as exc:
+            # A bad pointer value or a broken version: a person must republish; the current version keeps serving.
+            why = f"{keys.CURRENT} at {self.shown_url}: {self.redact(exc)}"
+            if initial:
+                raise UserFacingError(why) from None
+            self._refuse(version, why)
             return
         if self._install(kv, initial):
             self.cache.drop_version({kv.version})
@@ -468,25 +531,61 @@ class RedisKnowledgeStore(KnowledgeStore):
 
         try:
             raw = self.slow.get(keys.CURRENT)
-            return None if raw is None else self.load(raw.decode())
+            return None if raw is None else self.load(raw.decode(errors="replace"))
         except redis.RedisError as exc:
-            raise UserFacingError(f"cannot read the published knowledge from Redis: {exc}") from exc
+            raise UserFacingError(
+                f"cannot read the published knowledge from Redis at {self.shown_url}: {self.redact(exc)}"
+            ) from None
 
-    def _scan_ids(self, version: str, level: str) -> list[str]:
-        prefix = keys.vector_key(version, level, "")
-        out = []
-        for key in self.slow.scan_iter(match=prefix + "*", count=5000):
-            out.append(key.decode()[len(prefix) :])
-        return out
+    def _read_ids(self, version: str, level: str, published: dict, limit: int | None = None) -> list[str]:
+        """The level's ids from the publisher's id lists (never a SCAN); the first `limit` ids when given."""
+        n = int(published["counts"][level])
+        want = n if limit is None else min(n, limit)
+        chunk_size = int(published.get("id_chunk_size", keys.ID_CHUNK))
+        n_chunks = -(-want // chunk_size) if want else 0
+        if n_chunks > int(published["id_chunks"][level]):
+            raise UserFacingError(f"knowledge version {version}: {level} id lists are shorter than its count {n}")
+        ids: list[str] = []
+        for start in range(0, n_chunks, 64):
+            names = [keys.ids_key(version, level, c) for c in range(start, min(n_chunks, start + 64))]
+            for name, raw in zip(names, self.slow.mget(names), strict=True):
+                chunk = json.loads(raw) if raw is not None else None
+                if not isinstance(chunk, list) or not all(isinstance(i, str) for i in chunk):
+                    raise UserFacingError(f"knowledge version {version}: {name} is missing or not a list of ids")
+                ids.extend(chunk)
+        if len(ids) < want:
+            raise UserFacingError(f"knowledge version {version}: {level} id lists hold {len(ids)} of {n} ids")
+        return ids[:want]
 
     def load(self, version: str) -> KnowledgeVersion:
-        """Reads a published version's manifest, scenarios, default user and (up to the limit) items."""
+        """Reads a published version's manifest, scenarios, default user and (up to the limit) items.
+
+        Raises UserFacingError when the version cannot be served as published (see the module docstring)."""
+        keys.validate_version(version)
         meta = self.slow.get(keys.meta_key(version))
         if meta is None:
             raise UserFacingError(f"knowledge version {version} has no {keys.meta_key(version)} in Redis")
-        manifest = Manifest.from_dict(json.loads(meta))
+        try:
+            meta_dict = json.loads(meta)
+            manifest = Manifest.from_dict(meta_dict)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UserFacingError(
+                f"knowledge version {version}: {keys.meta_key(version)} is not a manifest ({type(exc).__name__}: "
+                f"{str(exc)[:200]})"
+            ) from None
         dim = int(manifest.space.dim)
-        scen_ids = sorted(self._scan_ids(version, "scenarios"))
+        published = meta_dict.get(keys.PUBLISHED)
+        if not isinstance(published, dict) or set(LEVELS) - set(published.get("counts", {})):
+            raise UserFacingError(
+                f"knowledge version {version} was published without id lists (by an older llm4msr); publish it "
+                "again with `llm4msr knowledge publish`"
+            )
+        if int(published.get("dim", dim)) != dim:
+            raise UserFacingError(
+                f"knowledge version {version}: published dim {published.get('dim')} differs from the manifest's {dim}"
+            )
+
+        scen_ids = sorted(self._read_ids(version, "scenarios", published))
         pipe = self.slow.pipeline(transaction=False)
         for sid in scen_ids:
             pipe.get(keys.scenario_key(version, sid))
@@ -495,23 +594,49 @@ class RedisKnowledgeStore(KnowledgeStore):
         res = pipe.execute()
         scenarios, responses = {}, {}
         for i, sid in enumerate(scen_ids):
-            scenarios[sid] = keys.decode_vector(res[2 * i])
+            raw = res[2 * i]
+            if raw is None:
+                raise UserFacingError(f"knowledge version {version}: scenario {sid!r} has no vector in Redis")
+            scenarios[sid] = self._decode_or_refuse(version, "scenario", sid, raw, dim)
             responses[sid] = (res[2 * i + 1] or b"").decode()
         default_raw = res[-1]
-        default_user = keys.decode_vector(default_raw) if default_raw is not None else np.zeros(dim, np.float32)
         if default_raw is None:
+            default_user = np.zeros(dim, np.float32)
             log.warning("knowledge %s has no default user vector; cold-start users get zeros", version)
+        else:
+            default_user = self._decode_or_refuse(version, "default user", "", default_raw, dim)
 
-        item_ids = self._scan_ids(version, "items")
-        complete = len(item_ids) <= self.item_preload_limit
-        item_ids = item_ids[: self.item_preload_limit]
+        n_items = int(published["counts"]["items"])
+        complete = n_items <= self.item_preload_limit
+        item_ids = self._read_ids(version, "items", published, limit=self.item_preload_limit)
         matrix = np.zeros((len(item_ids), dim), np.float32)
+        keep = np.ones(len(item_ids), dtype=bool)
         for start in range(0, len(item_ids), 5000):
             chunk = item_ids[start : start + 5000]
             vals = self.slow.mget([keys.item_key(version, i) for i in chunk])
             for j, v in enumerate(vals):
-                if v is not None:
-                    matrix[start + j] = keys.decode_vector(v)
+                if v is None:
+                    keep[start + j] = False  # listed but absent: an unknown item, as if never published
+                    continue
+                try:
+                    matrix[start + j] = keys.decode_vector(v, dim)
+                except keys.VectorLengthError:
+                    keep[start + j] = False
+        corrupt: frozenset[str] = frozenset()
+        if not keep.all():
+            lost = [item_ids[j] for j in np.flatnonzero(~keep)]
+            corrupt = frozenset(lost)
+            log.error(
+                "knowledge %s: %d item vectors are missing or not %d bytes (dim %d), e.g. %r; those items are "
+                "served as fallbacks (reason corrupt); republish the version",
+                version,
+                len(lost),
+                keys.vector_bytes(dim),
+                dim,
+                lost[:3],
+            )
+            item_ids = [i for i, k in zip(item_ids, keep, strict=True) if k]
+            matrix = matrix[keep]
         log.info(
             "loaded knowledge %s from Redis: %d scenarios, %d items%s",
             version,
@@ -528,7 +653,33 @@ class RedisKnowledgeStore(KnowledgeStore):
             default_user=default_user,
             items=ItemVectors(item_ids, matrix),
             items_complete=complete,
+            corrupt_items=corrupt,
         )
+
+    @staticmethod
+    def _decode_or_refuse(version: str, what: str, id_: str, raw: bytes, dim: int) -> np.ndarray:
+        """Vectors every request needs (scenarios, the default user): a wrong length refuses the whole version."""
+        try:
+            return keys.decode_vector(raw, dim)
+        except keys.VectorLengthError as exc:
+            name = f"{what} {id_!r}" if id_ else what
+            raise UserFacingError(
+                f"knowledge version {version}: the {name} vector is corrupt ({exc}); republish the version"
+            ) from None
+
+    def _corrupt(self, version: str, level: str, id_: str, exc: Exception) -> None:
+        """Counts a corrupt request-path vector; logs the first of each version (not one line per request)."""
+        self.corrupt_vectors += 1
+        if version not in self._corrupt_logged:
+            self._corrupt_logged.add(version)
+            log.error(
+                "knowledge %s: the %s vector of %r is corrupt (%s); served as a fallback (reason corrupt); "
+                "further ones are only counted",
+                version,
+                level,
+                id_,
+                exc,
+            )
 
     # -- request path ---------------------------------------------------------------------------------
     def fetch(self, kv: KnowledgeVersion, user_id: str, item_ids: Sequence[str] | None, need_user: bool) -> Fetched:
@@ -551,7 +702,7 @@ class RedisKnowledgeStore(KnowledgeStore):
             item_vecs, found = self._items_from_memory(kv, item_ids)
             if not found.all():
                 if kv.items_complete:
-                    fallbacks.append(Fallback("item", UNKNOWN, int(len(found) - found.sum())))
+                    fallbacks.extend(missing_item_fallbacks(kv, item_ids, found))
                 else:
                     ask_items = np.flatnonzero(~found).tolist()
 
@@ -581,24 +732,32 @@ class RedisKnowledgeStore(KnowledgeStore):
                     if raw is None:
                         # Not published for this version: cold start. Cached too (with the default vector) so a
                         # stream of requests for an unknown user does not hit Redis every time.
-                        user_vec = kv.default_user
-                        fallbacks.append(Fallback("user", UNKNOWN))
-                        self.cache.put((version, user_id), _Unknown(kv.default_user))
+                        user_vec = _Stand(kv.default_user, UNKNOWN)
                     else:
-                        user_vec = keys.decode_vector(raw)
-                        self.cache.put((version, user_id), user_vec)
+                        try:
+                            user_vec = keys.decode_vector(raw, kv.dim)
+                        except keys.VectorLengthError as exc:
+                            self._corrupt(version, "user", user_id, exc)
+                            user_vec = _Stand(kv.default_user, CORRUPT)
+                    self.cache.put((version, user_id), user_vec)
                 if ask_items:
-                    unknown = 0
+                    unknown = corrupt = 0
                     for i, raw in zip(ask_items, results[pos], strict=True):
                         if raw is None:
                             unknown += 1
-                        else:
-                            item_vecs[i] = keys.decode_vector(raw)
+                            continue
+                        try:
+                            item_vecs[i] = keys.decode_vector(raw, kv.dim)
+                        except keys.VectorLengthError as exc:
+                            self._corrupt(version, "item", item_ids[i], exc)
+                            corrupt += 1  # the row stays NaN: the model substitutes the level's average
                     if unknown:
                         fallbacks.append(Fallback("item", UNKNOWN, unknown))
-        if isinstance(user_vec, _Unknown):
+                    if corrupt:
+                        fallbacks.append(Fallback("item", CORRUPT, corrupt))
+        if isinstance(user_vec, _Stand):
+            fallbacks.append(Fallback("user", user_vec.reason))
             user_vec = user_vec.vec
-            fallbacks.append(Fallback("user", UNKNOWN))
         return Fetched(user_vec, item_vecs, fallbacks)
 
     def user_response(self, kv: KnowledgeVersion, user_id: str) -> tuple[str | None, list[Fallback]]:
@@ -615,7 +774,14 @@ class RedisKnowledgeStore(KnowledgeStore):
 
     def describe(self) -> dict:
         out = super().describe()
-        out.update({"redis_up": self.redis_up, "user_cache_entries": len(self.cache), "redis_errors": self.errors})
+        out.update(
+            {
+                "redis_up": self.redis_up,
+                "user_cache_entries": len(self.cache),
+                "redis_errors": self.errors,
+                "corrupt_vectors": self.corrupt_vectors,
+            }
+        )
         return out
 
     def stop(self) -> None:
@@ -627,10 +793,12 @@ class RedisKnowledgeStore(KnowledgeStore):
                 pass
 
 
-class _Unknown:
-    """LRU marker: this user has no vector in the version; `vec` is the default it gets."""
+class _Stand:
+    """LRU marker: this user's vector cannot be used in the version (`reason`: unknown or corrupt); `vec` is the
+    default it gets instead."""
 
-    __slots__ = ("vec",)
+    __slots__ = ("vec", "reason")
 
-    def __init__(self, vec: np.ndarray):
+    def __init__(self, vec: np.ndarray, reason: str):
         self.vec = vec
+        self.reason = reason

@@ -57,8 +57,13 @@ def test_publish_writes_every_key_then_flips(redis_server, tmp_path):
     assert r.get(K.response_key("v1", "users", "u5")) == b"v1 answer for u5"
     assert r.get(K.response_key("v1", "scenarios", "s1")) == b"v1 answer for s1"
     assert r.get(K.response_key("v1", "items", "i1")) is None  # items have no answer
-    assert json.loads(r.get(K.meta_key("v1")))["version"] == "v1"
-    assert len(list(r.scan_iter(match=K.version_pattern("v1")))) == 3 + 300 + 100 + 300 + 3 + 2
+    meta = json.loads(r.get(K.meta_key("v1")))
+    assert meta["version"] == "v1"
+    assert meta[K.PUBLISHED]["counts"] == {"scenarios": 3, "users": 300, "items": 100}
+    assert meta[K.PUBLISHED]["id_chunks"] == {"scenarios": 1, "users": 1, "items": 1} and meta[K.PUBLISHED]["dim"] == 8
+    assert json.loads(r.get(K.ids_key("v1", "users", 0))) == s.users().ids
+    # vectors + answers (users, scenarios) + id lists (3 levels) + default user + meta
+    assert len(list(r.scan_iter(match=K.version_pattern("v1")))) == 3 + 300 + 100 + 300 + 3 + 3 + 2
 
 
 def test_keeps_one_old_version(redis_server, tmp_path):
@@ -67,7 +72,7 @@ def test_keeps_one_old_version(redis_server, tmp_path):
         publish_snapshot(make_snapshot(tmp_path / "kn", v, seed=n), redis_server.url, keep_old=1)
     assert r.get(K.CURRENT) == b"v3"
     assert r.exists(K.user_key("v2", "u0")) and r.exists(K.meta_key("v2"))  # rollback target
-    assert not list(r.scan_iter(match=K.version_pattern("v1")))
+    assert not list(r.scan_iter(match=K.version_pattern("v1")))  # id lists included
     assert [v.decode() for v in r.lrange(K.VERSIONS, 0, -1)] == ["v2", "v3"]
     # Republishing the current version is idempotent.
     publish_snapshot(tmp_path / "kn" / "v3", redis_server.url)
@@ -153,3 +158,138 @@ def test_publish_of_unfinished_snapshot_is_refused(redis_server, tmp_path):
     with pytest.raises(UserFacingError, match="no finished knowledge snapshot"):
         publish_snapshot(tmp_path / "kn", redis_server.url)
     assert redis_server.client().get(K.CURRENT) is None
+
+
+# ------------------------------------------------------------------------------- vector lengths, id lists, names
+
+
+def rewrite_embeddings(path: Path, short_rows: dict[int, int] | None = None, dim: int | None = None) -> None:
+    """Rewrites a level's Parquet file as a corrupt build would leave it: some rows with `short_rows[row]` values
+    (a variable-length list column), or every row with `dim` values."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    rows = table.column("embedding").to_pylist()
+    if dim is not None:
+        rows = [r[:dim] for r in rows]
+        emb = pa.FixedSizeListArray.from_arrays(pa.array([x for r in rows for x in r], pa.float32()), dim)
+    else:
+        rows = [r[: short_rows[i]] if i in (short_rows or {}) else r for i, r in enumerate(rows)]
+        emb = pa.array(rows, type=pa.list_(pa.float32()))
+    pq.write_table(table.set_column(table.schema.get_field_index("embedding"), "embedding", emb), path)
+
+
+def assert_version_intact(r, snap_dir: Path) -> None:
+    """Every vector of the version is in Redis with exactly its snapshot bytes."""
+    from shared.knowledge.snapshot import KnowledgeSnapshot
+
+    s = KnowledgeSnapshot(snap_dir)
+    for level in ("scenarios", "users", "items"):
+        t = s.table(level)
+        values = r.mget([K.vector_key(s.version, level, i) for i in t.ids])
+        assert all(v == K.encode_vector(e) for v, e in zip(values, t.embeddings, strict=True)), level
+    assert r.get(K.default_user_key(s.version)) == K.encode_vector(s.default_user())
+
+
+def test_snapshot_with_short_vectors_fails_before_the_flip(redis_server, tmp_path):
+    r = redis_server.client()
+    v1 = make_snapshot(tmp_path / "kn", "v1", seed=1)
+    publish_snapshot(v1, redis_server.url)
+    v2 = make_snapshot(tmp_path / "kn", "v2", seed=2)
+    rewrite_embeddings(v2 / "users.parquet", short_rows={7: 6, 40: 3})
+    with pytest.raises(UserFacingError) as err:
+        publish_snapshot(v2, redis_server.url)
+    msg = str(err.value)
+    assert "users vector of id 'u7' has 6 values" in msg and "dim is 8" in msg and "2 of 300" in msg, msg
+    assert "\n" not in msg
+    assert r.get(K.CURRENT) == b"v1"
+    assert not list(r.scan_iter(match=K.version_pattern("v2")))  # refused before Redis was touched
+    assert_version_intact(r, v1)
+
+    # A whole level stored with another dim than the manifest's is refused the same way.
+    v3 = make_snapshot(tmp_path / "kn", "v3", seed=3)
+    rewrite_embeddings(v3 / "items.parquet", dim=6)
+    with pytest.raises(UserFacingError, match=r"items vector of id 'i0' has 6 values .*100 of 100 items"):
+        publish_snapshot(v3, redis_server.url)
+    assert r.get(K.CURRENT) == b"v1"
+    assert_version_intact(r, v1)
+
+
+def test_verification_reads_every_vector_length_back(redis_server, tmp_path):
+    """A vector that reaches Redis with the wrong length (another writer, a partial write) fails the
+    verification, wherever it is (not only in a sample), naming the level and the id."""
+    from offline.knowledge.publish import _verify, _write_version
+    from shared.knowledge.snapshot import KnowledgeSnapshot
+
+    r = redis_server.client()
+    snap = KnowledgeSnapshot(make_snapshot(tmp_path / "kn", "v1", users=3000))
+    _write_version(r, snap, 8)
+    _verify(r, snap, 8)  # as written: passes
+    rows = np.random.default_rng(0).choice(3000, size=64, replace=False)  # the sample _verify compares
+    victim = next(f"u{j}" for j in range(2999, 0, -1) if j not in set(rows.tolist()))
+    good = r.get(K.user_key("v1", victim))
+    r.set(K.user_key("v1", victim), good[:12])
+    with pytest.raises(UserFacingError, match=rf"users '{victim}' has 12 bytes in Redis, expected 32"):
+        _verify(r, snap, 8)
+    r.set(K.user_key("v1", victim), good)
+    r.delete(K.item_key("v1", "i99"))
+    with pytest.raises(UserFacingError, match="items 'i99' is missing"):
+        _verify(r, snap, 8)
+    r.set(K.item_key("v1", "i99"), K.encode_vector(snap.items().embeddings[99]))
+    r.set(K.ids_key("v1", "scenarios", 0), json.dumps(["s0", "s1"]))
+    with pytest.raises(UserFacingError, match="scenarios id list in Redis differs"):
+        _verify(r, snap, 8)
+
+
+@pytest.mark.parametrize("bad", ["v*", "v?", "[v]1", "a:b", "-v1", ".v1", "", "v 1", "v1\n", "x" * 129])
+def test_invalid_version_name_is_refused_before_redis(redis_server, tmp_path, bad):
+    vdir = make_snapshot(tmp_path / "kn", "ok")
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    manifest["version"] = bad
+    (vdir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserFacingError, match="invalid knowledge version"):
+        publish_snapshot(vdir, redis_server.url)
+    assert redis_server.client().dbsize() == 0
+
+
+def test_cleanup_never_deletes_by_a_glob_from_the_versions_list(redis_server, tmp_path):
+    """A name with glob characters in llm4msr:kn:versions (written by something else) is dropped from the list;
+    used as a SCAN pattern it would have deleted the current version's keys."""
+    r = redis_server.client()
+    v1 = make_snapshot(tmp_path / "kn", "v1", seed=1)
+    v2 = make_snapshot(tmp_path / "kn", "v2", seed=2)
+    publish_snapshot(v1, redis_server.url)
+    r.rpush(K.VERSIONS, "*")
+    publish_snapshot(v2, redis_server.url, keep_old=0)
+    assert r.get(K.CURRENT) == b"v2"
+    assert_version_intact(r, v2)
+    assert not list(r.scan_iter(match=K.version_pattern("v1")))
+    assert [v.decode() for v in r.lrange(K.VERSIONS, 0, -1)] == ["v2"]
+
+
+def test_id_lists_are_chunked_and_the_reader_never_scans(redis_server, tmp_path, monkeypatch):
+    from online.knowledge import RedisKnowledgeStore
+    from shared.knowledge.snapshot import KnowledgeSnapshot
+
+    monkeypatch.setattr(K, "ID_CHUNK", 64)  # 300 users -> 5 keys, 100 items -> 2 keys
+    snap = make_snapshot(tmp_path / "kn", "v1")
+    publish_snapshot(snap, redis_server.url)
+    r = redis_server.client()
+    meta = json.loads(r.get(K.meta_key("v1")))[K.PUBLISHED]
+    assert meta["id_chunks"] == {"scenarios": 1, "users": 5, "items": 2} and meta["id_chunk_size"] == 64
+    assert [len(json.loads(r.get(K.ids_key("v1", "users", c)))) for c in range(5)] == [64, 64, 64, 64, 44]
+
+    r.config_resetstat()
+    for limit, complete in ((1000, True), (70, False)):
+        store = RedisKnowledgeStore(redis_server.url, None, item_preload_limit=limit)
+        try:
+            kv = store.load("v1")
+        finally:
+            store.stop()
+        expected = KnowledgeSnapshot(snap).items()
+        assert kv.items.ids == expected.ids[:limit] and kv.items_complete is complete
+        np.testing.assert_array_equal(kv.items.matrix, expected.embeddings[:limit])
+        assert sorted(kv.scenarios) == ["s0", "s1", "s2"]
+    stats = r.info("commandstats")
+    assert "cmdstat_scan" not in stats and stats["cmdstat_mget"]["calls"] >= 2

@@ -18,9 +18,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from offline.refresh.job import ExitCode, RefreshConfig, RefreshReport, _redact, run_refresh
+from offline.refresh.job import ExitCode, RefreshConfig, RefreshReport, run_refresh
 from shared.errors import UserFacingError
 from shared.knowledge import keys
+from shared.redact import redact_url
 from tests.fixtures_deploy import DEPLOY, K8S, REPO, Proc, llm4msr_cmd, llm4msr_env
 from tests.fixtures_serving import make_space, start_server, write_snapshot
 
@@ -190,12 +191,45 @@ def test_reload_after_retrain(data_dir, tmp_path):
 
 
 def test_report_file_and_redaction(tmp_path):
-    assert _redact("redis://:s3cret@redis.example:6379/0") == "redis://***@redis.example:6379/0"
-    assert _redact("redis://redis:6379/0") == "redis://redis:6379/0"
-    report = RefreshReport(started_at="t", redis_url=_redact("rediss://u:pw@h:1/0"))
+    report = RefreshReport(started_at="t", redis_url=redact_url("rediss://u:pw@h:1/0"))
     report.write(tmp_path / "reports" / "r.json")
     data = json.loads((tmp_path / "reports" / "r.json").read_text())
-    assert data["redis_url"] == "rediss://***@h:1/0" and set(data["steps"]) == {"build", "train", "publish", "reload"}
+    assert data["redis_url"] == "rediss://u:***@h:1/0" and set(data["steps"]) == {"build", "train", "publish", "reload"}
+
+
+def test_step_errors_and_messages_never_carry_a_password(data_dir, tmp_path, caplog):
+    """Exceptions may quote the URL (or just the password): the report and the logged traceback mask it."""
+    secret_url = "redis://:s3cret@127.0.0.1:6390/0"
+    cfg = make_config(
+        data_dir,
+        tmp_path,
+        secret_url,
+        reload_urls=("http://admin:r3load-pw@ranker:8000",),
+        admin_token="t",
+    )
+
+    def publish_quoting(_path, url, _keep):
+        raise RuntimeError(f"cannot reach {url} (auth s3cret)")
+
+    def reload_quoting(url, _token):
+        raise RuntimeError(f"{url} refused")
+
+    with caplog.at_level("ERROR"):
+        r = run_refresh(cfg, build=fake_build("v1", make_space(8)), publish=publish_quoting)
+    assert r.exit_code == ExitCode.PARTIAL and r.steps["publish"].status == "failed"
+    text = json.dumps(r.to_dict()) + r.summary() + caplog.text
+    assert "s3cret" not in text and "cannot reach redis://:***@127.0.0.1" in r.steps["publish"].error
+    assert "refresh step failed" in caplog.text  # the traceback was logged, masked
+
+    def publish_ok(_path, _url, _keep):
+        return "v1"
+
+    r = run_refresh(cfg, build=fake_build("v2", make_space(8, "m2")), publish=publish_ok, reload_fn=reload_quoting)
+    assert r.exit_code == ExitCode.ROLLOUT
+    assert r.steps["reload"].detail["failed"] == {
+        "http://admin:***@ranker:8000": "http://admin:***@ranker:8000 refused"
+    }
+    assert "r3load-pw" not in json.dumps(r.to_dict())
 
 
 def test_exit_codes_are_documented_where_schedulers_read_them():

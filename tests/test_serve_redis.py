@@ -13,6 +13,9 @@ import pytest
 
 from tests.fixtures_serving import REPO, build_world, make_space, publish, rank_body, start_server, write_snapshot
 
+# Rankers refuse admin tokens shorter than 32 characters.
+ADMIN_TOKEN = "redis-tests-admin-token-0123456789abcdef"
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -192,9 +195,9 @@ def test_admin_reload_moves_to_a_new_knowledge_space(world, redis_server, tmp_pa
     srv = start_server(
         ["--artifact", str(world.artifacts["llm4msr-item"]), "--redis-url", redis_server.url],
         tmp_path / "server.log",
-        env={"LLM4MSR_POLL_INTERVAL_S": "0.2", "LLM4MSR_ADMIN_TOKEN": "tok"},
+        env={"LLM4MSR_POLL_INTERVAL_S": "0.2", "LLM4MSR_ADMIN_TOKEN": ADMIN_TOKEN},
     )
-    auth = {"Authorization": "Bearer tok"}
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     try:
         body = rank_body(world.users[0], world.scenarios[0], world.items[:20])
         v9 = write_snapshot(
@@ -225,5 +228,56 @@ def test_admin_reload_moves_to_a_new_knowledge_space(world, redis_server, tmp_pa
         )
         assert r.status_code == 422 and "space" in r.json()["detail"]
         assert httpx.post(f"{srv.url}/rank", json=body).json()["knowledge_version"] == "v9"
+    finally:
+        srv.stop()
+
+
+def test_corrupt_knowledge_over_http(world, redis_server, tmp_path):
+    """A corrupt user vector is a counted fallback in the answer and the metrics; a version with a corrupt scenario
+    vector and a `current` pointer that is no valid version are refused: the ranker keeps serving v1."""
+    from offline.knowledge.publish import _write_version
+    from shared.knowledge import keys as K
+    from shared.knowledge.snapshot import KnowledgeSnapshot
+
+    publish(world.snapshot_dir, redis_server.url)
+    r = redis_server.client()
+    user = world.users[1]
+    r.set(K.user_key("v1", user), b"\x00" * 20)
+    srv = start_server(
+        ["--artifact", str(world.artifacts["llm4msr-item"]), "--redis-url", redis_server.url, "--log-level", "info"],
+        tmp_path / "server.log",
+        env={"LLM4MSR_POLL_INTERVAL_S": "0.1"},
+    )
+    try:
+        body = rank_body(user, world.scenarios[0], world.items[:10])
+        out = httpx.post(f"{srv.url}/rank", json=body).json()
+        assert {"level": "user", "reason": "corrupt", "count": 1} in out["fallbacks"], out["fallbacks"]
+        good = httpx.post(f"{srv.url}/rank", json=rank_body(world.users[2], world.scenarios[0], world.items[:10]))
+        assert not [f for f in good.json()["fallbacks"] if f["level"] == "user"]
+        metrics = httpx.get(f"{srv.url}/metrics").text
+        assert 'llm4msr_knowledge_fallback_total{level="user",reason="corrupt"} 1.0' in metrics
+
+        v2 = write_snapshot(
+            world.knowledge_root,
+            "v2",
+            world.scenarios,
+            world.users,
+            world.items,
+            make_space(),
+            seed=7,
+            split_fingerprint=world.split.fingerprint(),
+        )
+        _write_version(r, KnowledgeSnapshot(v2), 8)
+        r.set(K.scenario_key("v2", world.scenarios[0]), b"\x00" * 8)
+        r.set(K.CURRENT, "v2")
+        assert wait_until(lambda: "v2" in httpx.get(f"{srv.url}/readyz").json()["knowledge"]["refused_versions"])
+        r.set(K.CURRENT, "v*")
+        assert wait_until(lambda: "v*" in httpx.get(f"{srv.url}/readyz").json()["knowledge"]["refused_versions"])
+        ready = httpx.get(f"{srv.url}/readyz")
+        assert ready.status_code == 200 and ready.json()["knowledge"]["version"] == "v1"
+        assert "scenario" in ready.json()["knowledge"]["refused_versions"]["v2"]
+        assert httpx.post(f"{srv.url}/rank", json=body).json()["knowledge_version"] == "v1"
+        log = srv.log()
+        assert "invalid knowledge version 'v*'" in log and "vector is corrupt" in log, log[-3000:]
     finally:
         srv.stop()

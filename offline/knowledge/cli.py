@@ -111,11 +111,12 @@ def _build(args: argparse.Namespace) -> int:
 def _publish(args: argparse.Namespace) -> int:
     from offline.knowledge.publish import publish_snapshot
     from shared.errors import UserFacingError
+    from shared.redact import redact_url
 
     if not args.redis_url:
         raise UserFacingError("--redis-url (or LLM4MSR_REDIS_URL) is required to publish")
     version = publish_snapshot(args.snapshot, args.redis_url, keep_old=args.keep_old)
-    print(f"published knowledge {version} to {args.redis_url}")
+    print(f"published knowledge {version} to {redact_url(args.redis_url)}")
     return 0
 
 

@@ -5,7 +5,8 @@ Why this order: a ranker refuses knowledge from another knowledge space than its
 rankers keep serving the previous version (kept in Redis for rollback) until they load the new model. An
 incremental build in the same space needs no retraining: the running rankers swap to the new version by themselves.
 
-Every run writes a report (JSON) and ends with an exit code a scheduler can act on (`ExitCode`).
+Every run writes a report (JSON) and ends with an exit code a scheduler can act on (`ExitCode`). The report, its
+step errors and the logged tracebacks mask the password of every URL the job was given (shared/redact.py).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import logging
 import os
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from enum import IntEnum
 from pathlib import Path
 
 from shared.errors import UserFacingError
+from shared.redact import redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -235,21 +237,26 @@ def run_refresh(
     root = Path(kcfg.out)
     artifact_dir = Path(config.artifact_dir)
     report = RefreshReport(
-        started_at=_now(), knowledge_root=str(root), artifact_dir=str(artifact_dir), redis_url=_redact(config.redis_url)
+        started_at=_now(),
+        knowledge_root=str(root),
+        artifact_dir=str(artifact_dir),
+        redis_url=redact_url(config.redis_url),
     )
     lock = _Lock(root)
     if not lock.acquire():
         return _finish(report, ExitCode.BUSY, "busy", f"another refresh holds {lock.path}")
     try:
-        return _run(config, report, root, artifact_dir, build, train_fn, publish, reload_fn)
+        report = _run(config, report, root, artifact_dir, build, train_fn, publish, reload_fn)
     finally:
         lock.release()
+    return _scrub(report, _secret_urls(config))
 
 
 def _run(config, report, root, artifact_dir, build, train_fn, publish, reload_fn) -> RefreshReport:
     from offline.knowledge.build import run_build
 
     kcfg = config.knowledge
+    secrets = _secret_urls(config)
     report.previous_knowledge_version = _previous_version(root)
     current, missing_why = _current_artifact(artifact_dir)
     if current is not None:
@@ -263,10 +270,10 @@ def _run(config, report, root, artifact_dir, build, train_fn, publish, reload_fn
     try:
         result = (build or run_build)(kcfg)
     except UserFacingError as exc:
-        _fail(step, t0, exc)
+        _fail(step, t0, exc, secrets)
         return _finish(report, ExitCode.USAGE, "failed", f"knowledge build: {exc}")
     except Exception as exc:  # noqa: BLE001 - any crash is reported, the rankers are untouched
-        _fail(step, t0, exc, with_trace=True)
+        _fail(step, t0, exc, secrets, with_trace=True)
         return _finish(report, ExitCode.FAILED, "failed", f"knowledge build crashed: {exc}")
     manifest = result.manifest
     step.status, step.seconds = "ok", round(time.perf_counter() - t0, 3)
@@ -302,7 +309,7 @@ def _run(config, report, root, artifact_dir, build, train_fn, publish, reload_fn
         try:
             version, detail = _train(config, current, result, artifact_dir, train_fn)
         except Exception as exc:  # noqa: BLE001 - includes UserFacingError: the knowledge is kept, not published
-            _fail(step, t0, exc, with_trace=not isinstance(exc, UserFacingError))
+            _fail(step, t0, exc, secrets, with_trace=not isinstance(exc, UserFacingError))
             return _finish(
                 report,
                 ExitCode.PARTIAL,
@@ -325,7 +332,7 @@ def _run(config, report, root, artifact_dir, build, train_fn, publish, reload_fn
         try:
             version = (publish or _default_publish)(Path(result.path), config.redis_url, config.keep_old)
         except Exception as exc:  # noqa: BLE001
-            _fail(step, t0, exc, with_trace=not isinstance(exc, UserFacingError))
+            _fail(step, t0, exc, secrets, with_trace=not isinstance(exc, UserFacingError))
             return _finish(
                 report,
                 ExitCode.PARTIAL,
@@ -352,9 +359,9 @@ def _run(config, report, root, artifact_dir, build, train_fn, publish, reload_fn
     answers, failed = {}, {}
     for url in config.reload_urls:
         try:
-            answers[url] = (reload_fn or _default_reload)(url, config.admin_token)
+            answers[redact_url(url)] = (reload_fn or _default_reload)(url, config.admin_token)
         except Exception as exc:  # noqa: BLE001
-            failed[url] = str(exc)
+            failed[redact_url(url)] = redact_text(exc, *secrets)
     step.seconds = round(time.perf_counter() - t0, 3)
     step.detail = {"reloaded": answers, "failed": failed}
     if failed:
@@ -394,12 +401,12 @@ def _train(config: RefreshConfig, current, build_result, artifact_dir: Path, tra
     return (train_fn or _default_train)(dataset, split, snapshot, train_cfg, artifact_dir)
 
 
-def _fail(step: Step, t0: float, exc: BaseException, with_trace: bool = False) -> None:
+def _fail(step: Step, t0: float, exc: BaseException, secrets: Sequence[str], with_trace: bool = False) -> None:
     step.status = "failed"
     step.seconds = round(time.perf_counter() - t0, 3)
-    step.error = f"{type(exc).__name__}: {exc}"
+    step.error = redact_text(f"{type(exc).__name__}: {exc}", *secrets)
     if with_trace:
-        log.error("refresh step failed:\n%s", traceback.format_exc())
+        log.error("refresh step failed:\n%s", redact_text(traceback.format_exc(), *secrets))
 
 
 def _finish(report: RefreshReport, code: ExitCode, outcome: str, message: str) -> RefreshReport:
@@ -410,9 +417,28 @@ def _finish(report: RefreshReport, code: ExitCode, outcome: str, message: str) -
     return report
 
 
-def _redact(url: str | None) -> str | None:
-    """Never write a Redis password into a report."""
-    if not url or "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+def _secret_urls(config: RefreshConfig) -> tuple[str, ...]:
+    """Every URL the job was given: their passwords must appear in no report, error or log line."""
+    return tuple(u for u in (config.redis_url, *config.reload_urls) if u)
+
+
+def _scrub(report: RefreshReport, secrets: Sequence[str]) -> RefreshReport:
+    """Masks URL passwords in every string of the report (messages quote exceptions, which may quote URLs)."""
+
+    def clean(value):
+        if isinstance(value, str):
+            return redact_text(value, *secrets)
+        if isinstance(value, dict):
+            return {clean(k): clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(clean(v) for v in value)
+        return value
+
+    for f in fields(report):
+        if f.name == "steps":
+            for step in report.steps.values():
+                step.detail = clean(step.detail)
+                step.error = clean(step.error)
+        else:
+            setattr(report, f.name, clean(getattr(report, f.name)))
+    return report

@@ -1,8 +1,26 @@
-"""Redis key layout of published knowledge (DESIGN section 5); readers and the publisher share these names."""
+"""Redis key layout of published knowledge (DESIGN section 5); readers and the publisher share these names.
+
+  llm4msr:kn:current                      the version readers serve (one SET flips it)
+  llm4msr:kn:versions                     fully written versions, newest last (what cleanup may delete)
+  llm4msr:kn:<version>:meta               manifest JSON, plus "published": {"counts", "id_chunks", "dim", ...}
+  llm4msr:kn:<version>:ids:<level>:<n>    JSON list of the level's ids, chunk n (ID_CHUNK ids per key; level is
+                                          scenarios|users|items): readers discover ids here and never SCAN
+  llm4msr:kn:<version>:{u,s,i}:<id>       vector: little-endian float32, exactly 4 * dim bytes
+  llm4msr:kn:<version>:r{u,s,i}:<id>      the LLM's answer text (for /explain), where there is one
+  llm4msr:kn:<version>:default_user       the cold-start user vector
+
+A version name is `VERSION_RE` (what `llm4msr knowledge build` writes, e.g. 20240101T000000Z-1a2b3c4d): it goes
+into key names and into the publisher's `SCAN MATCH llm4msr:kn:<version>:*`, so glob characters or ':' in it
+could reach (and on cleanup delete) other versions' keys. `validate_version` guards every entry point.
+"""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
+
+from shared.errors import UserFacingError
 
 PREFIX = "llm4msr:kn"
 CURRENT = f"{PREFIX}:current"
@@ -11,6 +29,25 @@ VERSIONS = f"{PREFIX}:versions"
 
 LEVEL_CODES = {"users": "u", "scenarios": "s", "items": "i"}
 DEFAULT_USER_KEY_ID = "__default__"
+
+VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Ids per id-list key: ~2-5 MB of JSON each, far below Redis' 512 MB value limit and quick to move.
+ID_CHUNK = 100_000
+# Field of the meta JSON that the publisher adds next to the manifest.
+PUBLISHED = "published"
+
+
+def validate_version(version: object) -> str:
+    """The version if it is a safe key segment; else a UserFacingError naming the value (shortened)."""
+    if isinstance(version, str) and VERSION_RE.fullmatch(version):
+        return version
+    shown = repr(version)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    raise UserFacingError(
+        f"invalid knowledge version {shown}: expected 1-128 characters of letters, digits, '.', '_' or '-', "
+        "starting with a letter or digit"
+    )
 
 
 def vector_key(version: str, level: str, id_: str) -> str:
@@ -38,13 +75,26 @@ def meta_key(version: str) -> str:
     return f"{PREFIX}:{version}:meta"
 
 
+def ids_key(version: str, level: str, chunk: int) -> str:
+    """Chunk `chunk` of the level's id list (a JSON array)."""
+    if level not in LEVEL_CODES:
+        raise ValueError(f"unknown knowledge level {level!r}")
+    return f"{PREFIX}:{version}:ids:{level}:{chunk}"
+
+
+def id_chunks(n_ids: int) -> int:
+    """How many id-list keys a level of n_ids ids takes (at least one, so an empty level is explicit)."""
+    return max(1, -(-n_ids // ID_CHUNK))
+
+
 def response_key(version: str, level: str, id_: str) -> str:
     """The LLM's answer text (for /explain)."""
     return f"{PREFIX}:{version}:r{LEVEL_CODES[level]}:{id_}"
 
 
 def version_pattern(version: str) -> str:
-    return f"{PREFIX}:{version}:*"
+    """SCAN MATCH pattern of every key of one version (validated: no glob character can widen it)."""
+    return f"{PREFIX}:{validate_version(version)}:*"
 
 
 def encode_vector(vec: np.ndarray) -> bytes:
@@ -52,5 +102,18 @@ def encode_vector(vec: np.ndarray) -> bytes:
     return np.asarray(vec, dtype="<f4").tobytes()
 
 
-def decode_vector(data: bytes) -> np.ndarray:
+class VectorLengthError(ValueError):
+    """A stored vector whose byte length does not match the version's dimension."""
+
+
+def vector_bytes(dim: int) -> int:
+    return 4 * int(dim)
+
+
+def decode_vector(data: bytes, dim: int | None = None) -> np.ndarray:
+    """The float32 vector; with `dim`, a value of any other length raises VectorLengthError (corrupt key)."""
+    if dim is not None and len(data) != vector_bytes(dim):
+        raise VectorLengthError(f"{len(data)} bytes, expected {vector_bytes(dim)} (dim {dim})")
+    if len(data) % 4:
+        raise VectorLengthError(f"{len(data)} bytes is not a whole number of float32 values")
     return np.frombuffer(data, dtype="<f4").astype(np.float32)
