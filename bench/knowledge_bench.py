@@ -63,7 +63,7 @@ def _bench_backend(name: str, args, user_texts, item_texts) -> dict:
     cfg = BackendConfig(
         backend=name,
         model=args.model,
-        dtype=args.dtype,
+        dtype=args.dtype_choice.dtype,
         device=args.device,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
@@ -134,14 +134,15 @@ def _bench_incremental(data: Path, args, tmp: Path) -> dict:
     from offline.knowledge.build import KnowledgeConfig, run_build
     from shared.knowledge.snapshot import KnowledgeSnapshot
 
-    backend = BackendConfig(model=args.model, dtype=args.dtype, device=args.device, threads=args.threads)
+    backend = BackendConfig(model=args.model, dtype=args.dtype_choice.dtype, device=args.device, threads=args.threads)
 
     def build(data_dir: Path, out: Path) -> tuple[float, dict]:
         if not args.fresh_process:
             r = run_build(KnowledgeConfig(data=str(data_dir), out=str(out), backend=backend, progress=False))
             return r.seconds, r.manifest.computed
         cmd = [sys.executable, "-m", "llm4msr_cli", "knowledge", "build", "--data", str(data_dir), "--out", str(out)]
-        cmd += ["--dtype", args.dtype, "--device", args.device, "--threads", str(args.threads), "--no-progress"]
+        cmd += ["--dtype", args.dtype_choice.dtype, "--device", args.device, "--threads", str(args.threads)]
+        cmd += ["--no-progress"]
         cmd += ["--model", args.model] if args.model else []
         t = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
@@ -180,10 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synth-items", type=int, default=60)
     p.add_argument("--model", default=None, help="local HF model folder (default: embedded SmolLM2)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32", "float16"],
+        help="auto: bf16 where the CPU/GPU computes it natively, else float32 (CPU) / float16 (GPU)",
+    )
     p.add_argument("--pooling", default="mean")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="0: OMP_NUM_THREADS, else the cores this process may use")
     p.add_argument("--users", type=int, default=64, help="users embedded (encode)")
     p.add_argument("--gen-users", type=int, default=8, help="users answered (generate); 0 skips generate")
     p.add_argument("--items", type=int, default=256)
@@ -197,7 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
 
+    from offline.knowledge.backends.base import resolve_dtype, resolve_threads
     from offline.knowledge.backends.vllm_backend import find_vllm_python
+
+    # Resolved once, so that every row (and the --fresh-process CLI builds) runs the same dtype and threads.
+    args.dtype_choice = resolve_dtype(args.dtype, args.device)
+    args.threads = resolve_threads(args.threads)
 
     tmp = Path(tempfile.mkdtemp(prefix="kn-bench-"))
     try:
@@ -223,8 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         ("generate_only_users_per_s", "gen-only users/s", "{:.2f}"),
         ("generate_users_per_s", "generate users/s", "{:.2f}"),
     ]
+    choice = args.dtype_choice
+    cpu = choice.cpu
     print(
-        f"model {args.model or 'SmolLM2-135M-Instruct (embedded)'} | device {args.device} {args.dtype} | "
+        f"cpu {cpu.model or 'unknown'} (native bf16: {', '.join(cpu.bf16_flags) or 'no'}) | dtype {choice.dtype} "
+        f"({choice.reason}) | {args.threads} threads"
+    )
+    print(
+        f"model {args.model or 'SmolLM2-135M-Instruct (embedded)'} | device {args.device} {choice.dtype} | "
         f"{len(user_texts)} users ({tokens_per_user:.0f} prompt tokens each), {args.gen_users} generated "
         f"({args.max_new_tokens} new tokens), {len(item_texts)} items"
     )
@@ -255,7 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(
             json.dumps(
-                {"args": vars(args), "tokens_per_user": tokens_per_user, "backends": rows, "incremental": incremental},
+                {
+                    "args": {k: v for k, v in vars(args).items() if k != "dtype_choice"},
+                    "dtype": choice.to_dict(),
+                    "threads": args.threads,
+                    "tokens_per_user": tokens_per_user,
+                    "backends": rows,
+                    "incremental": incremental,
+                },
                 indent=2,
             )
             + "\n"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,15 @@ def synth_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "data"
     write_dataset(generate(SynthConfig(users=60, items_per_scenario=40, main_impressions=20, side_impressions=5)), out)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def llm4msr_cache() -> Iterator[Path]:
+    """Keeps the suite out of ~/.cache/llm4msr: converted models, source hashes and tokenizer caches go to a test
+    cache kept across sessions (SmolLM2 is converted once, not every run); LLM4MSR_TEST_CACHE moves it."""
+    root = Path(os.environ.get("LLM4MSR_TEST_CACHE") or REPO / ".pytest_cache" / "llm4msr")
+    root.mkdir(parents=True, exist_ok=True)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("LLM4MSR_CACHE", str(root))
+    yield root
+    patch.undo()

@@ -165,3 +165,59 @@ def test_parquet_interactions_round_trip(tmp_path):
     out = write_dataset(ds, tmp_path / "pq", interactions_format="parquet")
     assert (out / "interactions.parquet").exists() and not (out / "interactions.csv").exists()
     assert read_dataset(out).fingerprint() == ds.fingerprint()
+
+
+def _parquet_folder(root: Path, frame) -> Path:
+    make_folder(root, interactions__csv=None)
+    frame.to_parquet(root / "interactions.parquet", index=False)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("column", "null"),
+    [("user_id", None), ("item_id", float("nan")), ("scenario", None)],
+    ids=["user_id None", "item_id NaN", "scenario None"],
+)
+def test_parquet_null_id_fails_with_file_row_and_column(tmp_path, column, null):
+    """A null id must not become the id "None" or "nan": the error names the file, the row and the column."""
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {"user_id": ["u1", "u1", "u2"], "item_id": ["i1", "i2", "i3"], "scenario": ["home", "books", "home"]}
+    )
+    frame[column] = frame[column].astype(object)
+    frame.loc[1, column] = null
+    root = _parquet_folder(tmp_path / "d", frame)
+    with pytest.raises(DatasetError) as info:
+        read_dataset(root)
+    err = info.value
+    assert err.file == "interactions.parquet" and err.column == column
+    assert f"null {column}" in str(err) and "row 2" in str(err), str(err)
+    proc = subprocess.run(
+        [sys.executable, "-m", "llm4msr_cli", "data", "validate", str(root)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "interactions.parquet" in proc.stderr and "row 2" in proc.stderr and column in proc.stderr
+
+
+def test_parquet_nulls_elsewhere_read_like_empty_csv_cells(tmp_path):
+    """A null extra feature is the empty category (not "None"); a null label fails its own check, naming the row."""
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {
+            "user_id": ["u1", "u1", "u2"],
+            "item_id": ["i1", "i2", "i3"],
+            "scenario": ["home", "books", "home"],
+            "device": ["ios", None, "android"],
+            "timestamp": [10, 20, 5],
+        }
+    )
+    ds = read_dataset(_parquet_folder(tmp_path / "ok", frame))
+    assert ds.interactions["device"].tolist() == ["ios", "", "android"]
+    assert ds.interactions["user_id"].tolist() == ["u1", "u1", "u2"]
+
+    frame["label"] = [1.0, 0.0, None]
+    with pytest.raises(DatasetError) as info:
+        read_dataset(_parquet_folder(tmp_path / "bad", frame))
+    assert info.value.column == "label" and "row 3" in str(info.value), str(info.value)

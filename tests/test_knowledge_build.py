@@ -10,10 +10,12 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from fixtures_llm import tiny_model  # noqa: F401  (fixture)
 
@@ -184,6 +186,10 @@ def test_kill_9_then_resume_equals_uninterrupted(synth200, tiny_model, tmp_path)
     args = build_parser().parse_args([*argv, "--out", str(tmp_path / "clean")])
     clean = run_build(config_from_args(args))
     a, b = KnowledgeSnapshot(resumed.path), KnowledgeSnapshot(clean.path)
+    # Truncations are counted over every text of the build, also those whose shards finished before the kill.
+    assert a.manifest.truncated == b.manifest.truncated and set(a.manifest.truncated) == {
+        f"{level}_{op}" for level in ("scenarios", "users") for op in ("generate", "embed")
+    } | {"items_embed"}
     for level in ("scenarios", "users", "items"):
         ta, tb = a.table(level), b.table(level)
         assert ta.ids == tb.ids and len(set(ta.ids)) == len(ta.ids)
@@ -200,6 +206,95 @@ def test_pca_space_is_reused_by_refresh(synth_dir, tiny_model, tmp_path):  # noq
     assert second.manifest.space.id == snap.space.id and second.manifest.computed["users"] == 0
     third = run_build(_config(synth_dir, tmp_path / "kn", tiny_model, reduce_dim=8, new_space=True))
     assert third.manifest.computed["users"] == len(snap.users().ids) and third.manifest.parent_version is None
+
+
+def _over(tokenizer, texts: list[str], limit: int, chat: bool) -> int:
+    """How many texts exceed limit tokens, counted here independently of the backends' helpers."""
+    if chat:
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+            for t in texts
+        ]
+    return sum(len(ids) > limit for ids in tokenizer(texts, add_special_tokens=not chat)["input_ids"])
+
+
+def test_truncation_is_counted_warned_once_and_max_length_defines_the_space(
+    synth_dir,
+    tiny_model,  # noqa: F811
+    tmp_path,
+    caplog,
+):
+    from transformers import AutoTokenizer
+
+    from offline.knowledge.backends.base import choose_dtype, cpu_capability
+    from offline.knowledge.show import PROMPTS_FILE
+
+    limit = 96
+    cfg = _config(synth_dir, tmp_path / "kn", tiny_model, mode="generate")
+    cut_cfg = replace(cfg, backend=replace(cfg.backend, dtype="auto", max_length=limit))
+    with caplog.at_level("WARNING", logger="offline.knowledge.build"):
+        cut = run_build(cut_cfg)
+    m = cut.manifest
+    # What ran is recorded: backend, the dtype auto chose on this CPU and why, the CPU's bf16 capability.
+    expected = choose_dtype("auto", "cpu", cpu_capability())
+    assert (m.backend, m.dtype) == ("hf", expected.dtype)
+    assert m.hardware == expected.to_dict() and m.hardware["requested"] == "auto"
+    assert set(m.hardware["cpu"]) == {"model", "native_bf16", "bf16_flags"}
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    snap = KnowledgeSnapshot(cut.path)
+    prompts = pq.read_table(cut.path / PROMPTS_FILE).to_pandas()
+    want = {}
+    for level in ("scenarios", "users", "items"):
+        table = snap.table(level)
+        texts = prompts[prompts.level == level].set_index("id").loc[table.ids, "prompt"].tolist()
+        if level == "items":
+            want["items_embed"] = _over(tok, texts, limit, chat=False)
+            continue
+        want[f"{level}_generate"] = _over(tok, texts, limit, chat=True)
+        answered = [t + " " + r for t, r in zip(texts, table.responses, strict=True)]
+        want[f"{level}_embed"] = _over(tok, answered, limit, chat=False)
+    assert m.truncated == want
+    total = sum(want.values())
+    assert want["users_embed"] > 0 and want["items_embed"] == 0, want
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "cut to it" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    assert f"{total} text(s) were longer than max_length {limit}" in warnings[0].getMessage()
+    assert f"{total} texts cut to {limit} tokens" in cut.summary()
+    on_disk = json.loads((cut.path / MANIFEST).read_text())
+    assert on_disk["truncated"] == want and on_disk["space"]["max_length"] == limit
+
+    # The default max_length cuts nothing, warns nothing, and is another knowledge space: the cut build's vectors
+    # are not reused.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="offline.knowledge.build"):
+        full = run_build(replace(cfg, out=str(tmp_path / "kn")))
+    assert not [r for r in caplog.records if "cut to it" in r.getMessage()]
+    assert sum(full.manifest.truncated.values()) == 0 and full.manifest.parent_version is None
+    assert full.manifest.space.id != m.space.id and full.manifest.computed["users"] == len(snap.users().ids)
+    assert full.manifest.dtype == "float32" and full.manifest.hardware["reason"] == "set explicitly (--dtype)"
+    # Cut texts really got other vectors; uncut ones (items) did not.
+    fsnap = KnowledgeSnapshot(full.path)
+    assert np.allclose(fsnap.items().embeddings, snap.items().embeddings, atol=1e-5)
+    assert not np.allclose(fsnap.users().embeddings, snap.users().embeddings, atol=1e-3)
+
+
+def test_manifest_from_before_the_new_fields_loads_and_refreshes(synth_dir, tiny_model, tmp_path):  # noqa: F811
+    """Snapshots written before max_length, dtype, hardware and truncated were recorded keep their space id and stay
+    the parent of the next incremental build."""
+    first = run_build(_config(synth_dir, tmp_path / "kn", tiny_model))
+    file = first.path / MANIFEST
+    data = json.loads(file.read_text())
+    for key in ("dtype", "hardware", "truncated"):
+        del data[key]
+    del data["space"]["max_length"]
+    file.write_text(json.dumps(data))
+    old = KnowledgeSnapshot(first.path)
+    assert old.space.id == data["space"]["id"] == first.manifest.space.id and old.space.max_length == 2048
+    assert (old.manifest.dtype, old.manifest.hardware, old.manifest.truncated) == ("", {}, {})
+    again = run_build(_config(synth_dir, tmp_path / "kn", tiny_model))
+    assert again.manifest.parent_version == old.version and again.manifest.computed["users"] == 0
+    assert again.manifest.space.id == old.space.id
 
 
 def test_ray_engine_matches_local(synth_dir, tiny_model, tmp_path):  # noqa: F811

@@ -121,3 +121,65 @@ def test_unwritable_cache_still_counts(tiny_model, tmp_path, monkeypatch):  # no
     text = ["Hello world", "- a title [Books]\n"]
     expected = [len(x) for x in auto(text, add_special_tokens=False)["input_ids"]]
     assert tokens.load_token_counter(tiny_model)(text) == expected
+
+
+def test_source_hash_is_computed_once_per_path_size_and_mtime(tmp_path, monkeypatch):
+    import hashlib
+
+    from offline.knowledge import models
+
+    monkeypatch.setenv("LLM4MSR_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "a" / "model.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"weights v1" * 1000)
+    real = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert models.file_sha256(gguf) == real
+    index_file = models.cache_dir() / models.SOURCE_HASHES_FILE
+    index = json.loads(index_file.read_text())
+    assert index[str(gguf.resolve())]["sha256"] == real
+    # The index answers while the file's size and mtime are unchanged (the file is not read again) ...
+    index[str(gguf.resolve())]["sha256"] = "0" * 64
+    index_file.write_text(json.dumps(index))
+    assert models.file_sha256(gguf) == "0" * 64
+    # ... and a rewritten file (same size, new mtime) is hashed again.
+    stat = gguf.stat()
+    gguf.write_bytes(b"weights v2" * 1000)
+    os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert models.file_sha256(gguf) == hashlib.sha256(gguf.read_bytes()).hexdigest() != real
+    index_file.write_text("{damaged")  # a damaged index is rebuilt, never trusted
+    assert models.file_sha256(gguf) == hashlib.sha256(gguf.read_bytes()).hexdigest()
+
+    # The converted folder is keyed by content: the same name with other bytes is another folder.
+    other = tmp_path / "b" / "model.gguf"
+    other.parent.mkdir()
+    other.write_bytes(b"other weights")
+    same = tmp_path / "c" / "model.gguf"
+    same.parent.mkdir()
+    same.write_bytes(gguf.read_bytes())
+    dirs = {p: models.converted_dir(p, "Name") for p in (gguf, other, same)}
+    assert dirs[gguf] == dirs[same] != dirs[other]
+    assert dirs[gguf].parent == tmp_path / "cache" / "models"
+    assert dirs[gguf].name == f"Name-{models.file_sha256(gguf)[: models.HASH_CHARS]}"
+
+
+def test_embedded_model_folder_is_named_by_the_gguf_hash_and_home_stays_untouched(tmp_path):
+    """With LLM4MSR_CACHE set (tests/conftest.py sets it for the whole session), nothing is written under $HOME."""
+    from offline.knowledge import models
+
+    model_dir, name = models.resolve_model(None)
+    gguf = models.smollm2_gguf_path()
+    assert name == models.SMOLLM2_MODEL_NAME and model_dir.parent == models.cache_dir()
+    assert model_dir.name == f"{name}-{models.file_sha256(gguf)[: models.HASH_CHARS]}"
+    assert (model_dir / "config.json").exists()
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, HOME=str(home), PYTHONPATH=str(REPO), LLM4MSR_CACHE=str(models.cache_dir().parent))
+    code = (
+        "from offline.knowledge.models import resolve_model; from offline.knowledge.tokens import "
+        "load_token_counter; p, _ = resolve_model(None); print(p); print(load_token_counter(p)(['hello'])[0])"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[0] == str(model_dir)
+    assert not any(home.iterdir()), list(home.rglob("*"))

@@ -19,7 +19,10 @@ TEXTS = [
     "A user's recent interactions:\n[office]\n- black ink cartridge\n- stapler\n[arts_crafts]\n- knitting yarn",
     "Describe this user's interests in each scenario.",
     "x",
+    # Longer than MAX_LENGTH: both backends must cut it to the same first tokens (vLLM alone would refuse it).
+    "A user's interactions: " + ", ".join(f"item number {i} in the catalogue" for i in range(40)),
 ]
+MAX_LENGTH = 64
 
 
 def test_vllm_runs_eager_on_cpu_and_with_cuda_graphs_on_a_gpu_unless_told():
@@ -53,10 +56,16 @@ def vllm_python() -> str:
 
 @pytest.mark.slow
 def test_hf_and_vllm_embeddings_agree(vllm_python):
-    hf = make_backend(BackendConfig(backend="hf", dtype="float32", threads=2))
+    from offline.knowledge.backends.base import over_length
+
+    hf = make_backend(BackendConfig(backend="hf", dtype="float32", threads=2, max_length=MAX_LENGTH))
+    assert over_length(hf.tokenizer, TEXTS, "embed", hf.config) == [False] * (len(TEXTS) - 1) + [True]
     expected = {p: hf.embed(TEXTS, p) for p in ("mean", "last")}
     hf.close()
-    with make_backend(BackendConfig(backend="vllm", dtype="float32", threads=2, vllm_python=vllm_python)) as vllm:
+    vllm_config = BackendConfig(
+        backend="vllm", dtype="float32", threads=2, max_length=MAX_LENGTH, vllm_python=vllm_python
+    )
+    with make_backend(vllm_config) as vllm:
         for pooling, ref in expected.items():
             got = vllm.embed(TEXTS, pooling)
             assert got.shape == ref.shape == (len(TEXTS), 576)

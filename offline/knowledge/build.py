@@ -6,6 +6,9 @@ same batches, so the result equals an uninterrupted run. The manifest is written
 
 Incremental: a row whose prompt hash equals the one in the previous version (same knowledge space and generation
 settings) keeps its vector and answer without an LLM call.
+
+Texts longer than the backend's max_length are cut to it (the same way by both backends); the build counts them per
+level and phase, warns once with the total, and records the counts in the manifest and the summary line.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from offline.knowledge import prompts as P
-from offline.knowledge.backends.base import MODES, POOLINGS, BackendConfig
+from offline.knowledge.backends.base import MODES, POOLINGS, BackendConfig, over_length, resolve_dtype
 from shared.dataset.folder import read_dataset
 from shared.dataset.split import SplitConfig, make_split
 from shared.errors import UserFacingError
@@ -88,6 +91,8 @@ class KnowledgeConfig:
             raise UserFacingError("--reduce-dim must be positive")
         if self.shard_size < 1:
             raise UserFacingError("shard size must be positive")
+        if self.backend.max_length < 1:
+            raise UserFacingError(f"--max-length must be positive, got {self.backend.max_length}")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -243,6 +248,7 @@ class BuildResult:
         rate = users / self.seconds if self.seconds > 0 else 0.0
         return (
             f"knowledge {m.version}: " + ", ".join(parts) + f"; dim {m.space.dim}, space {m.space.id}, "
+            f"{m.backend} {m.dtype}, {sum(m.truncated.values())} texts cut to {m.space.max_length} tokens, "
             f"{self.seconds:.1f} s ({rate:.2f} computed users/s) -> {self.path}"
         )
 
@@ -255,11 +261,12 @@ def _find_parent(root: Path, space_base: dict, gen_settings: dict) -> KnowledgeS
     except UserFacingError:
         return None
     s = parent.space
-    same = (s.model, s.template_sha256, s.pooling, s.mode) == (
+    same = (s.model, s.template_sha256, s.pooling, s.mode, s.max_length) == (
         space_base["model"],
         space_base["template_sha256"],
         space_base["pooling"],
         space_base["mode"],
+        space_base["max_length"],
     )
     if not same:
         log.info("previous version %s is in another knowledge space: full build", parent.version)
@@ -318,6 +325,10 @@ def run_build(
     # 1. Data first: a malformed dataset fails here, before any model is loaded or called.
     dataset = read_dataset(config.data)
     split = make_split(dataset, config.split)
+    # The dtype is fixed here, once, for every engine of the build (Ray workers included).
+    dtype = resolve_dtype(config.backend.dtype, config.backend.device)
+    log.info("dtype %s: %s", dtype.dtype, dtype.reason)
+    config = replace(config, backend=replace(config.backend, dtype=dtype.dtype))
 
     # 2. Prompts (the tokenizer alone is loaded to enforce the token budget).
     count_tokens, model_path, model_name = load_token_counter(config.backend.model)
@@ -335,7 +346,13 @@ def run_build(
         if config.mode == "generate"
         else {}
     )
-    space_base = {"model": model_name, "template_sha256": template_sha, "pooling": config.pooling, "mode": config.mode}
+    space_base = {
+        "model": model_name,
+        "template_sha256": template_sha,
+        "pooling": config.pooling,
+        "mode": config.mode,
+        "max_length": config.backend.max_length,
+    }
 
     root = Path(config.out)
     root.mkdir(parents=True, exist_ok=True)
@@ -380,6 +397,7 @@ def run_build(
             "space": space_base,
             "prompts": config.prompts.to_dict(),
             "generation": gen_settings,
+            "backend": config.backend.backend,
             "dtype": config.backend.dtype,
             "reduce_dim": config.reduce_dim,
             "new_space": config.new_space,
@@ -401,6 +419,17 @@ def run_build(
     executor: Executor | None = None
     computed_raw: dict[str, dict[str, tuple[str, np.ndarray]]] = {lvl: {} for lvl in LEVELS}
     rates: dict[str, float] = {}
+    truncated: dict[str, int] = {}
+    tokenizer = None
+
+    def count_truncated(key: str, op: str, texts: list[str]) -> None:
+        """How many of a phase's texts the backend will cut to max_length (all pending rows, resumed or not)."""
+        nonlocal tokenizer
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        truncated[key] = sum(over_length(tokenizer, texts, op, config.backend))
 
     def get_executor() -> Executor:
         nonlocal executor
@@ -420,6 +449,10 @@ def run_build(
         pending = work.pending()
         lengths = [len(t) for t in work.texts]
         plan = _plan(pending, lengths, config.shard_size)
+        op = "generate" if phase == "gen" else "embed"
+        truncated[f"{work.level}_{op}"] = 0
+        if pending:
+            count_truncated(f"{work.level}_{op}", op, texts_of(pending))
         results: dict[int, tuple] = {}
         todo: list[int] = []
         for k, rows in enumerate(plan):
@@ -444,7 +477,6 @@ def run_build(
             dynamic_ncols=True,
         )
         start = time.perf_counter()
-        op = "generate" if phase == "gen" else "embed"
         texts = [texts_of(plan[k]) for k in todo]
         for n, result in get_executor().map(op, texts, config.pooling, progress=bar.update):
             k = todo[n]
@@ -493,6 +525,7 @@ def run_build(
     finally:
         if executor is not None:
             executor.close()
+    _warn_truncated(truncated, config.backend.max_length)
 
     # 4. Reduce.
     reducer_path = vdir / REDUCER_FILE
@@ -566,6 +599,9 @@ def run_build(
         parent_version=parent.version if parent else None,
         computed=computed,
         reused=reused,
+        dtype=dtype.dtype,
+        hardware=dtype.to_dict(),
+        truncated=truncated,
         extra={
             "dataset": dataset.name,
             "split_config": config.split.to_dict(),
@@ -583,6 +619,21 @@ def run_build(
     shutil.rmtree(work_dir, ignore_errors=True)
     _prune_unfinished(root, keep=vdir)
     return BuildResult(vdir, manifest, seconds)
+
+
+def _warn_truncated(truncated: dict[str, int], max_length: int) -> None:
+    """One warning for the whole build (not one line per text): cut texts lose their end, which is the question
+    (prompts) or the answer (generate-mode embeddings)."""
+    total = sum(truncated.values())
+    if total:
+        where = ", ".join(f"{k.replace('_', ' ')} {n}" for k, n in truncated.items() if n)
+        log.warning(
+            "%d text(s) were longer than max_length %d tokens and were cut to it (%s); their end is lost: lower "
+            "--history-token-budget or raise --max-length",
+            total,
+            max_length,
+            where,
+        )
 
 
 def _write_prompts(vdir: Path, levels: dict[str, LevelWork]) -> None:

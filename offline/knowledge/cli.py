@@ -23,11 +23,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--ray-workers", type=int, default=2, help="Ray actors, each with its own LLM engine")
     b.add_argument("--ray-address", default=None, help="existing Ray cluster (default: a local Ray)")
     b.add_argument("--ray-gpus-per-worker", type=float, default=0.0)
-    b.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
+    b.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float32", "float16"],
+        default="auto",
+        help="auto: bfloat16 where the CPU (AMX-BF16/AVX512-BF16) or GPU computes it natively, "
+        "else float32 (CPU) / float16 (GPU)",
+    )
     b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (vllm: cpu or any GPU device)")
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--max-new-tokens", type=int, default=96)
-    b.add_argument("--threads", type=int, default=0, help="torch/CPU threads (0 = library default)")
+    b.add_argument(
+        "--threads", type=int, default=0, help="torch/CPU threads (0 = OMP_NUM_THREADS, else the usable cores)"
+    )
+    b.add_argument(
+        "--max-length",
+        type=int,
+        default=2048,
+        help="longest text fed to the LLM, in tokens; longer ones are cut (counted, warned about); part of the "
+        "knowledge space",
+    )
     b.add_argument("--no-chat-template", action="store_true", help="prompt the model without its chat template")
     b.add_argument("--vllm-python", default=None, help="python of the vllm environment (env LLM4MSR_VLLM_PYTHON)")
     b.add_argument(
@@ -74,6 +89,7 @@ def config_from_args(args: argparse.Namespace):
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         threads=args.threads,
+        max_length=args.max_length,
         chat_template=not args.no_chat_template,
         vllm_python=args.vllm_python,
         vllm_eager=args.vllm_eager,

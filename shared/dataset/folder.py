@@ -9,7 +9,8 @@ Files (DESIGN section 3):
 `label` is a 0/1 click; `rating` is an explicit rating turned into a label at split time (rating > threshold);
 with neither, rows are implicit positives and negatives are sampled. Without `timestamp`, each user's rows are in
 chronological order in the file. Any other interaction column is a categorical feature. IDs are strings.
-Line numbers in errors count the header as line 1.
+Line numbers in errors count the header as line 1; a Parquet file has no header line, so its errors name the row
+(the first row is row 1).
 """
 
 from __future__ import annotations
@@ -156,17 +157,25 @@ def _first_bad(mask: np.ndarray) -> int | None:
     return int(idx[0]) if len(idx) else None
 
 
+def row_error(file: str, message: str, row: int, column: str | None = None, line_offset: int = 2) -> DatasetError:
+    """The error for the 0-based data row `row`: its line in a text file (line_offset 2 below a header line), or
+    its row number (from 1) in a Parquet file, which has no lines."""
+    if file.endswith(".parquet"):
+        return DatasetError(file, f"{message} (row {row + 1}, counting from 1)", column=column)
+    return DatasetError(file, message, line=row + line_offset, column=column)
+
+
 def _check_nonempty(frame: pd.DataFrame, file: str, columns: Iterable[str]) -> None:
     for col in columns:
         bad = _first_bad((frame[col].str.strip() == "").to_numpy())
         if bad is not None:
-            raise DatasetError(file, "empty value", line=bad + 2, column=col)
+            raise row_error(file, "empty value", bad, col)
 
 
 def _check_unique(frame: pd.DataFrame, file: str, column: str, what: str) -> None:
     bad = _first_bad(frame[column].duplicated().to_numpy())
     if bad is not None:
-        raise DatasetError(file, f"duplicate {what} '{frame[column].iloc[bad]}'", line=bad + 2, column=column)
+        raise row_error(file, f"duplicate {what} '{frame[column].iloc[bad]}'", bad, column)
 
 
 def _check_member(frame: pd.DataFrame, file: str, column: str, valid: pd.Index | set, what: str) -> None:
@@ -175,7 +184,7 @@ def _check_member(frame: pd.DataFrame, file: str, column: str, valid: pd.Index |
     bad = _first_bad(mask.to_numpy())
     if bad is not None:
         shown = sorted(valid)[:10] if len(valid) <= 10 else f"{len(valid)} known {what}s"
-        raise DatasetError(file, f"unknown {what} '{values.iloc[bad]}' (valid: {shown})", line=bad + 2, column=column)
+        raise row_error(file, f"unknown {what} '{values.iloc[bad]}' (valid: {shown})", bad, column)
 
 
 def parse_numeric(frame: pd.DataFrame, file: str, column: str, line_offset: int = 2) -> pd.Series:
@@ -184,7 +193,7 @@ def parse_numeric(frame: pd.DataFrame, file: str, column: str, line_offset: int 
     values = pd.to_numeric(raw.str.strip().replace("", np.nan), errors="coerce")
     bad = _first_bad(~np.isfinite(values.to_numpy(dtype=float)))
     if bad is not None:
-        raise DatasetError(file, f"not a finite number: '{raw.iloc[bad]}'", line=bad + line_offset, column=column)
+        raise row_error(file, f"not a finite number: '{raw.iloc[bad]}'", bad, column, line_offset)
     return values
 
 
@@ -197,13 +206,33 @@ def parse_timestamp(frame: pd.DataFrame, file: str, column: str = "timestamp") -
     parsed = pd.to_datetime(raw, errors="coerce", utc=True)
     bad = _first_bad((numeric.isna() & parsed.isna()).to_numpy())
     if bad is not None:
-        raise DatasetError(
-            file,
-            f"timestamp '{raw.iloc[bad]}' is neither a number nor a date",
-            line=bad + 2,
-            column=column,
-        )
+        raise row_error(file, f"timestamp '{raw.iloc[bad]}' is neither a number nor a date", bad, column)
     return numeric.fillna(parsed.astype("int64") / 1e9).astype("float64")
+
+
+# Parquet interaction columns that may not hold nulls: ids have no meaning when missing (astype(str) would turn them
+# into the ids "None" or "nan").
+REQUIRED_VALUE_COLUMNS = ("user_id", "item_id", "scenario")
+
+
+def _read_parquet_interactions(path: Path) -> pd.DataFrame:
+    """The Parquet interactions as strings, like a CSV read: a null id fails with its row and column, any other
+    null becomes "" (an empty CSV cell: a missing label/rating/timestamp then fails its own check, a missing extra
+    feature is the empty category)."""
+    frame = pd.read_parquet(path).reset_index(drop=True)
+    if len(frame) == 0:
+        raise DatasetError(path.name, "file has no rows")
+    frame.columns = [str(c).strip() for c in frame.columns]
+    for col in frame.columns:
+        null = frame[col].isna().to_numpy()
+        bad = _first_bad(null)
+        if bad is not None and col in REQUIRED_VALUE_COLUMNS:
+            raise row_error(path.name, f"null {col} ({int(null.sum())} null value(s) in this column)", bad, col)
+        text = frame[col].astype(str)
+        if bad is not None:
+            text[null] = ""
+        frame[col] = text
+    return frame
 
 
 def _read_interactions(root: Path) -> tuple[pd.DataFrame, str]:
@@ -211,15 +240,7 @@ def _read_interactions(root: Path) -> tuple[pd.DataFrame, str]:
     if csv_path.exists() and pq_path.exists():
         raise UserFacingError(f"{root}: both {INTERACTIONS_CSV} and {INTERACTIONS_PARQUET} exist; keep one")
     if pq_path.exists():
-        frame = pd.read_parquet(pq_path)
-        if len(frame) == 0:
-            raise DatasetError(INTERACTIONS_PARQUET, "file has no rows")
-        for col in frame.columns:
-            if col in ("label", "rating", "timestamp"):
-                frame[col] = frame[col].astype(str).replace({"nan": "", "None": "", "NaT": ""})
-            else:
-                frame[col] = frame[col].astype(str)
-        return frame, INTERACTIONS_PARQUET
+        return _read_parquet_interactions(pq_path), INTERACTIONS_PARQUET
     if csv_path.exists():
         return read_csv_strict(csv_path), INTERACTIONS_CSV
     raise DatasetError(INTERACTIONS_CSV, f"not found in {root} (nor {INTERACTIONS_PARQUET})")

@@ -32,10 +32,21 @@ DEFAULTS = "defaults"
 DEFAULT_USER_ID = "user"
 
 
+# The longest token sequence the LLM saw; every snapshot written before the field existed used this value.
+LEGACY_MAX_LENGTH = 2048
+# Space fields added after the first snapshots, with the value those snapshots had: at that value a field is left
+# out of the id, so that existing snapshots and the models trained on them keep their space id.
+ADDED_SPACE_FIELDS = {"max_length": LEGACY_MAX_LENGTH}
+_UNSET = object()
+
+
 @dataclass(frozen=True)
 class KnowledgeSpace:
-    """What makes two vectors comparable: the model, the prompt templates, pooling, mode and reducer.
+    """What makes two vectors comparable: the model, the prompt templates, pooling, mode, reducer and max_length
+    (texts longer than it are cut, which changes their vectors).
 
+    Not in it: the backend (hf and vllm vectors agree, tests/test_knowledge_vllm.py) and the dtype (bf16 and fp32
+    vectors agree to cosine >= 0.999, tests/test_knowledge_dtype.py); both are recorded in the manifest.
     A model trained on one space must not be fed vectors from another; `id` is what artifacts record.
     """
 
@@ -46,10 +57,12 @@ class KnowledgeSpace:
     raw_dim: int
     dim: int
     reducer_sha256: str | None = None
+    max_length: int = LEGACY_MAX_LENGTH
 
     @property
     def id(self) -> str:
-        payload = json.dumps(asdict(self), sort_keys=True)
+        fields = {k: v for k, v in asdict(self).items() if ADDED_SPACE_FIELDS.get(k, _UNSET) != v}
+        payload = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
@@ -78,6 +91,12 @@ class Manifest:
     computed: dict[str, int] = field(default_factory=dict)
     reused: dict[str, int] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    # The dtype the LLM ran in (after --dtype auto); "" in manifests older than the field.
+    dtype: str = ""
+    # Why that dtype: the requested one, the device and the CPU (model name, native bf16 instruction sets).
+    hardware: dict = field(default_factory=dict)
+    # Texts cut to space.max_length tokens, per "<level>_<generate|embed>", among those computed in this build.
+    truncated: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         data = asdict(self)

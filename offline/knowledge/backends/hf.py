@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
-from offline.knowledge.backends.base import POOLINGS, Backend, BackendConfig, Progress
+from offline.knowledge.backends.base import (
+    ADD_SPECIAL_TOKENS,
+    POOLINGS,
+    Backend,
+    BackendConfig,
+    Progress,
+    model_texts,
+    resolve_dtype,
+    resolve_threads,
+)
 from offline.knowledge.models import resolve_model
 from offline.knowledge.tokens import auto_tokenizer_counter
 from shared.errors import UserFacingError
@@ -28,23 +38,18 @@ def _torch_dtype(name: str):
     return dtypes[name]
 
 
-def apply_chat_template(tokenizer, prompt: str) -> str:
-    """The text an instruction-tuned model expects; the raw prompt when the tokenizer has no template."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return prompt
-
-
 class HFBackend(Backend):
     def __init__(self, config: BackendConfig):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if config.dtype == "auto":  # the build resolves it first; direct users (bench, tests) get it here
+            choice = resolve_dtype(config.dtype, config.device)
+            log.info("dtype %s: %s", choice.dtype, choice.reason)
+            config = replace(config, dtype=choice.dtype)
         self.config = config
-        if config.threads > 0:
-            torch.set_num_threads(config.threads)
+        self.threads = resolve_threads(config.threads)
+        torch.set_num_threads(self.threads)
         path, self.model_name = resolve_model(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         if self.tokenizer.pad_token_id is None:
@@ -54,7 +59,14 @@ class HFBackend(Backend):
         self.lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype).to(self.device).eval()
         self.base = self.lm.base_model
         self.hidden_size = int(self.lm.config.hidden_size)
-        log.info("hf backend: %s (%s, %s, hidden %d)", self.model_name, config.dtype, config.device, self.hidden_size)
+        log.info(
+            "hf backend: %s (%s, %s, %d threads, hidden %d)",
+            self.model_name,
+            config.dtype,
+            config.device,
+            self.threads,
+            self.hidden_size,
+        )
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return auto_tokenizer_counter(self.tokenizer)(texts)
@@ -67,15 +79,16 @@ class HFBackend(Backend):
         for start in range(0, len(order), bs):
             yield order[start : start + bs]
 
-    def _tokenize(self, batch: list[str], add_special_tokens: bool):
-        """A padded, truncated batch on the model's device (padding side set by the caller)."""
+    def _tokenize(self, batch: list[str], op: str):
+        """A padded batch cut to max_length (the build counts the cut texts with base.over_length) on the model's
+        device; the padding side is set by the caller."""
         return self.tokenizer(
             batch,
             return_tensors="pt",
             padding=True,
             truncation=True,
             max_length=self.config.max_length,
-            add_special_tokens=add_special_tokens,
+            add_special_tokens=ADD_SPECIAL_TOKENS[op],
         ).to(self.device)
 
     def embed(self, texts: Sequence[str], pooling: str, progress: Progress | None = None) -> np.ndarray:
@@ -87,7 +100,7 @@ class HFBackend(Backend):
         self.tokenizer.padding_side = "right"
         with torch.inference_mode():
             for idx in self._batches(texts):
-                enc = self._tokenize([texts[i] for i in idx], add_special_tokens=True)
+                enc = self._tokenize([texts[i] for i in idx], "embed")
                 hidden = self.base(**enc).last_hidden_state.float()
                 mask = enc["attention_mask"].unsqueeze(-1).float()
                 if pooling == "mean":
@@ -103,14 +116,12 @@ class HFBackend(Backend):
     def generate(self, prompts: Sequence[str], progress: Progress | None = None) -> list[str]:
         import torch
 
-        texts = (
-            [apply_chat_template(self.tokenizer, p) for p in prompts] if self.config.chat_template else list(prompts)
-        )
+        texts = model_texts(self.tokenizer, prompts, "generate", self.config.chat_template)
         answers = [""] * len(texts)
         self.tokenizer.padding_side = "left"
         with torch.inference_mode():
             for idx in self._batches(texts):
-                enc = self._tokenize([texts[i] for i in idx], add_special_tokens=False)  # prompts as written
+                enc = self._tokenize([texts[i] for i in idx], "generate")
                 gen = self.lm.generate(
                     **enc,
                     max_new_tokens=self.config.max_new_tokens,

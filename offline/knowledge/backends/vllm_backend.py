@@ -16,12 +16,22 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from offline.knowledge.backends.base import POOLINGS, Backend, BackendConfig, Progress
-from offline.knowledge.backends.hf import apply_chat_template
+from offline.knowledge.backends.base import (
+    POOLINGS,
+    Backend,
+    BackendConfig,
+    Progress,
+    cut_token_ids,
+    encoded_lengths,
+    model_texts,
+    resolve_dtype,
+    resolve_threads,
+)
 from offline.knowledge.models import resolve_model
 from offline.knowledge.tokens import auto_tokenizer_counter
 from shared.errors import UserFacingError
@@ -122,7 +132,12 @@ class VLLMBackend(Backend):
     def __init__(self, config: BackendConfig):
         from transformers import AutoTokenizer
 
+        if config.dtype == "auto":  # the build resolves it first; direct users (bench, tests) get it here
+            choice = resolve_dtype(config.dtype, config.device)
+            log.info("dtype %s: %s", choice.dtype, choice.reason)
+            config = replace(config, dtype=choice.dtype)
         self.config = config
+        self.threads = resolve_threads(config.threads)
         self.python = find_vllm_python(config.vllm_python)
         if self.python is None:
             raise UserFacingError(
@@ -132,7 +147,9 @@ class VLLMBackend(Backend):
         path, self.model_name = resolve_model(config.model)
         self.model_path = str(path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.hidden_size = int(json.loads((path / "config.json").read_text())["hidden_size"])
+        model_config = json.loads((path / "config.json").read_text())
+        self.hidden_size = int(model_config["hidden_size"])
+        self.max_positions = int(model_config.get("max_position_embeddings") or 0)
         self._gen: _Engine | None = None
         self._pool: dict[str, _Engine] = {}
 
@@ -142,20 +159,25 @@ class VLLMBackend(Backend):
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
             # vLLM-CPU's default ("auto") binding left a core of this 2-core machine idle; bind to the cores we
             # may use (measured: ~2x encode and generate throughput).
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_bind(self.config.threads))
-            if self.config.threads > 0:
-                env.setdefault("OMP_NUM_THREADS", str(self.config.threads))
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_bind(self.threads))
+            env.setdefault("OMP_NUM_THREADS", str(self.threads))
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         return env
 
     def _cfg(self, role: str, pooling: str | None = None) -> dict:
+        max_len = self.config.max_length
+        if role == "generate":
+            # Room for the answer after a prompt of max_length tokens, as the hf backend generates it.
+            max_len += self.config.max_new_tokens
+            if self.max_positions:
+                max_len = min(max_len, self.max_positions)
         return {
             "role": role,
             "pooling": pooling,
             "model": self.model_path,
             "dtype": self.config.dtype,
             "device": self.config.device,
-            "max_model_len": self.config.max_length,
+            "max_model_len": max_len,
             "enforce_eager": enforce_eager(self.config),
             "gpu_memory_utilization": self.config.gpu_memory_utilization,
         }
@@ -163,15 +185,24 @@ class VLLMBackend(Backend):
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return auto_tokenizer_counter(self.tokenizer)(texts)
 
+    def _prompts(self, texts: Sequence[str], op: str) -> list:
+        """What the worker receives: the model texts, with those longer than max_length replaced by their token ids
+        cut as the hf backend cuts them (vLLM would refuse them), so both backends embed the same tokens."""
+        inputs = model_texts(self.tokenizer, texts, op, self.config.chat_template)
+        lengths = encoded_lengths(self.tokenizer, inputs, op)
+        long = [i for i, n in enumerate(lengths) if n > self.config.max_length]
+        out: list = list(inputs)
+        for i, ids in zip(long, cut_token_ids(self.tokenizer, [inputs[i] for i in long], op, self.config.max_length)):
+            out[i] = {"ids": ids}
+        return out
+
     def generate(self, prompts: Sequence[str], progress: Progress | None = None) -> list[str]:
         if not prompts:
             return []
         if self._gen is None:
             self._close_pools()  # on a GPU the two engines should not share memory
             self._gen = _Engine(self.python, self._cfg("generate"), self._env())
-        texts = (
-            [apply_chat_template(self.tokenizer, p) for p in prompts] if self.config.chat_template else list(prompts)
-        )
+        texts = self._prompts(prompts, "generate")
         out = self._gen.call({"op": "generate", "texts": texts, "max_tokens": self.config.max_new_tokens})
         if progress is not None:
             progress(len(texts))
@@ -190,7 +221,7 @@ class VLLMBackend(Backend):
         if pooling not in self._pool:
             self.end_generation()
             self._pool[pooling] = _Engine(self.python, self._cfg("pool", pooling), self._env())
-        out = self._pool[pooling].call({"op": "embed", "texts": list(texts)})
+        out = self._pool[pooling].call({"op": "embed", "texts": self._prompts(texts, "embed")})
         arr = np.frombuffer(base64.b64decode(out["b64"]), dtype="<f4").astype(np.float32)
         if progress is not None:
             progress(len(texts))

@@ -10,6 +10,7 @@ Protocol: argv[1] is a JSON config; requests are JSON lines on stdin, answers JS
 (everything vLLM prints is redirected to stderr).
   {"op": "generate", "texts": [...], "max_tokens": N}  -> {"texts": [...]}
   {"op": "embed", "texts": [...]}                      -> {"dim": D, "b64": base64 of little-endian float32}
+An element of "texts" is a string, or {"ids": [...]}: token ids already cut to max_length by the parent.
 """
 
 import base64
@@ -37,17 +38,22 @@ def make_engine(cfg: dict):
     return LLM(runner="pooling", pooler_config={"pooling_type": pooling, "use_activation": False}, **common)
 
 
+def prompts(texts: list) -> list:
+    """vLLM prompts: strings as they are, {"ids": [...]} as a TokensPrompt."""
+    return [{"prompt_token_ids": t["ids"]} if isinstance(t, dict) else t for t in texts]
+
+
 def handle(llm, req: dict) -> dict:
     if req["op"] == "generate":
         from vllm import SamplingParams
 
         params = SamplingParams(temperature=0.0, max_tokens=int(req["max_tokens"]), seed=0)
-        outs = llm.generate(req["texts"], params, use_tqdm=False)
+        outs = llm.generate(prompts(req["texts"]), params, use_tqdm=False)
         return {"texts": [o.outputs[0].text for o in outs]}
     if req["op"] == "embed":
         import numpy as np
 
-        outs = llm.embed(req["texts"], use_tqdm=False)
+        outs = llm.embed(prompts(req["texts"]), use_tqdm=False)
         arr = np.asarray([o.outputs.embedding for o in outs], dtype="<f4")
         return {"dim": int(arr.shape[1]) if arr.ndim == 2 else 0, "b64": base64.b64encode(arr.tobytes()).decode()}
     return {"error": f"unknown op {req['op']!r}"}
