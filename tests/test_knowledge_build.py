@@ -3,6 +3,7 @@ PCA spaces, the Ray engine, failing fast on bad data, and the CLI."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from offline.knowledge.backends.base import BackendConfig
 from offline.knowledge.build import Executor, KnowledgeConfig, run_build
 from shared.errors import DatasetError
 from shared.knowledge.snapshot import LATEST, MANIFEST, KnowledgeSnapshot
+from tests.required import require
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -298,7 +300,9 @@ def test_manifest_from_before_the_new_fields_loads_and_refreshes(synth_dir, tiny
 
 
 def test_ray_engine_matches_local(synth_dir, tiny_model, tmp_path):  # noqa: F811
-    ray = pytest.importorskip("ray")
+    require(importlib.util.find_spec("ray"), "ray is not installed (the [ray] or [dev] extra)")
+    import ray
+
     local = run_build(_config(synth_dir, tmp_path / "local", tiny_model, shard_size=16))
     try:
         distributed = run_build(

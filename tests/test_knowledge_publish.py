@@ -293,3 +293,15 @@ def test_id_lists_are_chunked_and_the_reader_never_scans(redis_server, tmp_path,
         assert sorted(kv.scenarios) == ["s0", "s1", "s2"]
     stats = r.info("commandstats")
     assert "cmdstat_scan" not in stats and stats["cmdstat_mget"]["calls"] >= 2
+
+
+def test_reading_a_ragged_embedding_column_names_the_file_and_id(tmp_path):
+    """Training and serving read snapshots without the publisher's checks: a ragged column is one clear error."""
+    from shared.knowledge.snapshot import read_table
+
+    v = make_snapshot(tmp_path / "kn", "v1", users=20)
+    rewrite_embeddings(v / "users.parquet", short_rows={5: 7})
+    with pytest.raises(UserFacingError, match=r"users.parquet: the embedding of id 'u5' \(row 6\) has 7 values"):
+        read_table(v / "users.parquet")
+    rewrite_embeddings(v / "items.parquet", short_rows={})  # a variable-length column whose rows all agree
+    assert read_table(v / "items.parquet").embeddings.shape == (100, 8)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from shared.errors import UserFacingError
@@ -189,7 +190,18 @@ def write_table(path: str | os.PathLike, table: KnowledgeTable) -> None:
 def read_table(path: str | os.PathLike) -> KnowledgeTable:
     arrow = pq.read_table(path)
     emb_col = arrow.column("embedding").combine_chunks()
-    dim = emb_col.type.list_size
+    if pa.types.is_fixed_size_list(emb_col.type):
+        dim = emb_col.type.list_size
+    else:  # written by another tool: accepted only when every row has the same length
+        lengths = pc.list_value_length(emb_col).to_numpy(zero_copy_only=False)
+        dim = int(lengths[0]) if len(lengths) else 0
+        bad = np.flatnonzero(lengths != dim)
+        if len(bad):
+            row = int(bad[0])
+            raise UserFacingError(
+                f"{path}: the embedding of id {arrow.column('id')[row].as_py()!r} (row {row + 1}) has "
+                f"{int(lengths[row])} values, the first row's has {dim} ({len(bad)} rows differ)"
+            )
     flat = emb_col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     return KnowledgeTable(
         ids=arrow.column("id").to_pylist(),
