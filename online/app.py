@@ -1,11 +1,17 @@
 """The FastAPI ranking service (DESIGN section 6).
 
 Request path of POST /rank, each stage timed into llm4msr_rank_stage_seconds:
-  decode     read the body (size-limited) and validate it with pydantic (in Rust, from the raw bytes)
+  decode     read the body (size-limited), validate it with pydantic (in Rust, from the raw bytes; candidates
+             keep only the model's feature fields), count each candidate's fields on the bytes (field limit) and
+             drop repeated item_ids: what a body can cost is bounded here, linear in its size, before any work is
+             queued on the executor
   knowledge  scenario/item vectors from memory, the user vector from the LRU or one Redis round trip
   forward    one batched forward of all candidates (meta layers generated once per request)
   encode     top-k and the JSON response
 knowledge + forward run on the ranker's executor thread(s) (blocking Redis I/O and torch stay off the event loop).
+
+Errors: an input problem is a 422; knowledge data that cannot feed the model (e.g. a vector of the wrong length)
+is a 503 with the reason in one line; neither is ever a 500.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import numpy as np
 from fastapi import FastAPI, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from online.knowledge import (
@@ -36,12 +42,15 @@ from online.knowledge import (
     KnowledgeVersion,
     RedisKnowledgeStore,
     SnapshotKnowledgeStore,
+    missing_item_fallbacks,
     take_item_rows,
 )
 from online.metrics import ServingMetrics
-from online.ranker import Ranker, cap_torch_threads
+from online.ranker import KnowledgeDataError, Ranker, cap_torch_threads
 from online.schemas import (
+    FEATURE_SCHEMA,
     ID_MAX,
+    MAX_ERRORS,
     RANK_REQUEST,
     ErrorResponse,
     ExplainResponse,
@@ -50,12 +59,18 @@ from online.schemas import (
     ReadyResponse,
     ReloadRequest,
     ReloadResponse,
-    candidate_feature_errors,
+    candidate_field_errors,
+    rank_request_adapter,
+    scan_body,
 )
 from online.settings import ServeSettings
 from shared.errors import UserFacingError
 
 log = logging.getLogger(__name__)
+
+# Bodies larger than this are validated on a worker thread (a normal 500-candidate request is ~20 KB).
+LARGE_BODY = 64 * 1024
+DUPLICATE = "duplicate"  # fallback reason: an item_id repeated in one request, scored and returned once
 
 
 class HTTPProblem(Exception):
@@ -126,6 +141,7 @@ def load_state(settings: ServeSettings) -> ServingState:
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     metrics = ServingMetrics()
     ranker = Ranker.load(settings.artifact)
+    _check_field_limit(ranker, settings)
     store = build_store(settings, ranker, metrics)
     state = ServingState(settings, metrics, ranker, store)
     if settings.rank_executor == "thread":
@@ -197,11 +213,12 @@ def create_app(settings: ServeSettings | None = None, state: ServingState | None
         st: ServingState = request.app.state.serving
         m = st.metrics
         body = await _read_body(request, st.settings.max_body_bytes)
-        req = _parse_rank(body)
-        n = len(req["candidates"])
-        if n > st.settings.max_candidates:
-            raise HTTPProblem(422, f"too many candidates: {n} > max_candidates {st.settings.max_candidates}")
         ranker = st.ranker  # this request stays on this model even if an admin reload swaps it
+        if len(body) <= LARGE_BODY:
+            req = _parse_rank(body, st.settings, ranker.feature_fields)  # candidates keep this model's fields
+        else:  # its numpy byte scan releases the GIL: off the loop, the other requests go on meanwhile
+            req = await asyncio.to_thread(_parse_rank, body, st.settings, ranker.feature_fields)
+        n = len(req["item_ids"])  # distinct candidates
         _check_scenario(ranker, req["scenario"])
         kv = None
         if ranker.uses_knowledge:
@@ -209,7 +226,8 @@ def create_app(settings: ServeSettings | None = None, state: ServingState | None
             if kv is None:
                 raise HTTPProblem(503, "knowledge not loaded yet (nothing published?); see /readyz")
             if kv.space_id != ranker.knowledge_space_id:
-                # An admin reload is swapping model and knowledge of a new space right now: take the new pair.
+                # An admin reload is swapping model and knowledge of a new space right now: take the new pair (the
+                # candidates keep the old model's feature fields; a field only the new one reads counts as unknown).
                 ranker, kv = st.ranker, st.store.current()
                 if kv is None or kv.space_id != ranker.knowledge_space_id:
                     raise HTTPProblem(503, "model and knowledge are being swapped; retry")
@@ -220,11 +238,21 @@ def create_app(settings: ServeSettings | None = None, state: ServingState | None
         # Off the event loop, on the ranker's own small executor: measured here with 4 clients x 500 candidates,
         # a dedicated 1-thread executor gave ~25% more throughput and a lower p99 than Starlette's shared anyio
         # threadpool (fewer hand-overs, no contention between concurrent forwards on 2 cores).
-        if st.executor is not None:
-            loop = asyncio.get_running_loop()
-            scores, fallbacks, t_kn, t_fw = await loop.run_in_executor(st.executor, _score, st, ranker, kv, req)
-        else:
-            scores, fallbacks, t_kn, t_fw = _score(st, ranker, kv, req)
+        try:
+            if st.executor is not None:
+                loop = asyncio.get_running_loop()
+                scores, fallbacks, t_kn, t_fw = await loop.run_in_executor(st.executor, _score, st, ranker, kv, req)
+            else:
+                scores, fallbacks, t_kn, t_fw = _score(st, ranker, kv, req)
+        except KnowledgeDataError as exc:
+            reason = _one_line(exc)
+            version = kv.version if kv is not None else None
+            log.warning("answered 503: knowledge %s cannot feed model %s: %s", version, ranker.model_version, reason)
+            raise HTTPProblem(
+                503, f"cannot serve this request with knowledge version {version} right now: {reason}"
+            ) from None
+        except UserFacingError as exc:
+            raise HTTPProblem(422, _one_line(exc)) from None
         m.stage_children["knowledge"].observe(t_kn)
         m.stage_children["forward"].observe(t_fw)
 
@@ -336,9 +364,11 @@ def create_app(settings: ServeSettings | None = None, state: ServingState | None
         try:
             await run_in_threadpool(_reload, st, target)
         except UserFacingError as exc:
-            raise HTTPProblem(422, str(exc)) from exc
+            raise HTTPProblem(422, _one_line(exc)) from None
         except (OSError, ValueError) as exc:  # e.g. a path the OS cannot even look at
-            raise HTTPProblem(422, f"cannot load artifact {target!r}: {exc}") from exc
+            # The OS's text can describe the server's file system: it goes to the log, the client gets a fixed line.
+            log.warning("admin reload of artifact %r failed: %s: %s", target, type(exc).__name__, exc)
+            raise HTTPProblem(422, "cannot load the requested artifact; the reason is in the server log") from None
         app.openapi_schema = None  # scenarios may have changed
         kv = st.store.current() if st.store is not None else None
         return ReloadResponse(
@@ -361,6 +391,10 @@ def create_app(settings: ServeSettings | None = None, state: ServingState | None
         if st is not None:
             rank_schema["properties"]["scenario"]["enum"] = list(st.ranker.scenarios)
             rank_schema["properties"]["candidates"]["maxItems"] = st.settings.max_candidates
+            candidate = comps["Candidate"]
+            candidate["maxProperties"] = st.settings.max_candidate_fields + 1  # + item_id
+            for name in st.ranker.feature_fields:
+                candidate["properties"][name] = {**FEATURE_SCHEMA, "description": "a feature this model reads"}
         app.openapi_schema = schema
         return schema
 
@@ -418,23 +452,90 @@ def _parse(model, body: bytes):
 
 
 def _errors(exc: ValidationError) -> list[dict]:
-    return [
-        {"loc": ["body", *err["loc"]], "msg": err["msg"], "type": err["type"]}
-        for err in exc.errors(include_url=False, include_context=False, include_input=False)
-    ]
+    """The errors as FastAPI lists them; a hostile body can make 100k of them, which are only counted (turning each
+    into a dict and then JSON would hold the event loop for a second)."""
+    count = exc.error_count()
+    if count > MAX_ERRORS:
+        msg = f"the body has {count} validation errors, too many to list; see the RankRequest schema at /docs"
+        return [{"loc": ["body"], "msg": msg, "type": "too_many_errors"}]
+    out, seen = [], set()
+    for err in exc.errors(include_url=False, include_context=False, include_input=False):
+        loc = err["loc"]
+        if len(loc) == 4 and loc[0] == "candidates" and loc[3] in ("str", "int", "float", "bool"):
+            # A feature value failed each member of its union: one entry for the field instead of four.
+            if loc[:3] not in seen:
+                seen.add(loc[:3])
+                msg = f"feature {loc[2]!r} must be a string, number or boolean"
+                out.append({"loc": ["body", *loc[:3]], "msg": msg, "type": "value_error"})
+            continue
+        out.append({"loc": ["body", *loc], "msg": err["msg"], "type": err["type"]})
+    return out
 
 
-def _parse_rank(body: bytes) -> dict:
+def _parse_rank(body: bytes, settings: ServeSettings, feature_fields: tuple[str, ...]) -> dict:
+    """Validated request with candidates made distinct by item_id (first occurrence wins), `item_ids` aligned with
+    them and `duplicates` (how many were dropped).
+
+    Candidates keep only item_id and the model's feature fields: pydantic skips other keys in Rust, and
+    scan_body counts them on the bytes. Every step is linear in the body and none builds a Python object per
+    ignored key (the worst admitted body, 1 MB of 1000 candidates x 64 fields: bench/abuse_bench.py)."""
+    shape = None
+    # Cheap upper bounds first: a body with more brackets or colons than a flat request of max_candidates plain
+    # candidates may nest values or carry many fields, so its shape is scanned before pydantic parses it.
+    if (
+        body.count(b"[") > 1
+        or body.count(b"{") > 1 + settings.max_candidates
+        or body.count(b":") > 4 + settings.max_candidate_fields
+    ):
+        shape = scan_body(body)  # exact for valid JSON; an invalid body is a 422 anyway, so refuse before parsing
+        if (deep := shape.deep_error()) is not None:
+            raise HTTPProblem(422, [deep])
+        if bad := candidate_field_errors(shape.keys, settings.max_candidate_fields):
+            raise HTTPProblem(422, bad)
     try:
-        req = RANK_REQUEST.validate_json(body)
+        req = rank_request_adapter(settings.max_candidates, feature_fields).validate_json(body)
     except ValidationError as exc:
+        if exc.error_count() <= MAX_ERRORS:
+            for err in exc.errors(include_url=False, include_input=False):
+                if err["type"] == "too_long" and err["loc"] == ("candidates",):
+                    got, limit = err["ctx"]["actual_length"], settings.max_candidates
+                    raise HTTPProblem(422, f"too many candidates: {got} > max_candidates {limit}") from None
         raise HTTPProblem(422, _errors(exc)) from None
     cands = req["candidates"]
-    bad = candidate_feature_errors(cands)
-    if bad:
-        raise HTTPProblem(422, bad)
-    req["item_ids"] = [c["item_id"] for c in cands]
+    if shape is None and body.count(b"{") > 1 + len(cands):  # a small body with an object inside a candidate
+        shape = scan_body(body)
+        if (deep := shape.deep_error()) is not None:
+            raise HTTPProblem(422, [deep])
+    if shape is not None:
+        if len(shape.starts) != len(cands):
+            raise HTTPProblem(422, "the body repeats a key of the request object; send each key once")
+        if bad := candidate_field_errors(shape.keys, settings.max_candidate_fields):
+            raise HTTPProblem(422, bad)
+    ids = [c["item_id"] for c in cands]
+    req["duplicates"] = 0
+    if len(set(ids)) != len(ids):
+        first: dict[str, dict] = {}
+        for c in cands:
+            first.setdefault(c["item_id"], c)
+        req["duplicates"] = len(cands) - len(first)
+        req["candidates"] = cands = list(first.values())
+        ids = list(first)
+    req["item_ids"] = ids
     return req
+
+
+def _check_field_limit(ranker: Ranker, settings: ServeSettings) -> None:
+    """A model reading more candidate fields than a request may carry would refuse its own valid requests."""
+    if len(ranker.feature_fields) > settings.max_candidate_fields:
+        raise UserFacingError(
+            f"model {ranker.model_version} reads {len(ranker.feature_fields)} candidate feature fields but "
+            f"max_candidate_fields is {settings.max_candidate_fields}; raise LLM4MSR_MAX_CANDIDATE_FIELDS"
+        )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _check_scenario(ranker: Ranker, scenario: str) -> None:
@@ -442,13 +543,15 @@ def _check_scenario(ranker: Ranker, scenario: str) -> None:
         raise HTTPProblem(422, f"unknown scenario {scenario!r}; valid scenarios: {', '.join(ranker.scenarios)}")
 
 
-def _check_token(expected: str | None, authorization: str | None) -> None:
-    if not expected:
-        raise HTTPProblem(403, "admin routes are disabled: set LLM4MSR_ADMIN_TOKEN (or --admin-token)")
+def _check_token(expected: SecretStr | None, authorization: str | None) -> None:
+    if expected is None:
+        raise HTTPProblem(
+            403, "admin routes are disabled: set LLM4MSR_ADMIN_TOKEN or LLM4MSR_ADMIN_TOKEN_FILE (--admin-token-file)"
+        )
     given = ""
     if authorization and authorization.lower().startswith("bearer "):
         given = authorization[7:].strip()
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
         raise HTTPProblem(401, "missing or wrong admin token (Authorization: Bearer <token>)")
 
 
@@ -474,32 +577,20 @@ def _score(st: ServingState, ranker: Ranker, kv: KnowledgeVersion | None, req: d
     t0 = time.perf_counter()
     item_ids = req["item_ids"]
     fallbacks: list[Fallback] = []
+    if req.get("duplicates"):
+        fallbacks.append(Fallback("item_id", DUPLICATE, req["duplicates"]))
     knowledge = RequestKnowledge(scenario_vec=None, user_vec=None, item_vecs=None)
-    item_reduced = None
     if kv is not None and st.store is not None:
-        # A complete in-memory catalogue: take the model's reduced rows (computed once per version); otherwise
-        # the raw vectors come from the store (some from Redis) and are reduced in the forward.
-        from_table = ranker.needs_items and kv.items_complete
-        ask_items = item_ids if ranker.needs_items and not from_table else None
-        fetched = st.store.fetch(kv, req["user_id"], ask_items, ranker.needs_user)
-        fallbacks.extend(fetched.fallbacks)
-        if from_table:
-            item_reduced, found = take_item_rows(kv.items, ranker.reduced_items(kv), item_ids)
-            if missing := int(len(found) - found.sum()):
-                fallbacks.append(Fallback("item", UNKNOWN, missing))
-        scen = None
-        if ranker.needs_scenario:
-            scen = kv.scenarios.get(req["scenario"])
-            if scen is None:
-                scen = np.zeros(kv.dim, np.float32)
-                fallbacks.append(Fallback("scenario", UNKNOWN))
-        knowledge = RequestKnowledge(
-            scenario_vec=scen, user_vec=fetched.user_vec, item_vecs=fetched.item_vecs, item_reduced=item_reduced
-        )
+        try:
+            knowledge = _knowledge(st.store, ranker, kv, req, fallbacks)
+        except KnowledgeDataError:
+            raise
+        except UserFacingError as exc:  # the store could not give usable vectors: not the client's fault
+            raise KnowledgeDataError(_one_line(exc)) from exc
     oov = ranker.oov_count(item_ids)
     if oov:
         fallbacks.append(Fallback("item_id", "oov", oov))
-    features = _features(req)
+    features = _features(req["candidates"], ranker.feature_fields)
     t1 = time.perf_counter()
     scores = ranker.score(req["scenario"], req["user_id"], item_ids, knowledge, features=features)
     t2 = time.perf_counter()
@@ -507,21 +598,48 @@ def _score(st: ServingState, ranker: Ranker, kv: KnowledgeVersion | None, req: d
     return scores, fallbacks, t1 - t0, t2 - t1
 
 
-def _features(req: dict) -> dict[str, list] | None:
-    """Optional per-candidate feature columns (missing values are None)."""
-    cands = req["candidates"]
-    names: list[str] = []
-    for c in cands:
-        if len(c) > 1:
-            names.extend(k for k in c if k != "item_id" and k not in names)
-    if not names:
-        return None
-    return {k: [None if (v := c.get(k)) is None else str(v) for c in cands] for k in names}
+def _knowledge(store: KnowledgeStore, ranker: Ranker, kv: KnowledgeVersion, req: dict, fallbacks: list[Fallback]):
+    """The request's vectors. One rule for a missing vector: scenario and item -> a NaN row, which the model reads
+    as the level's mean vector; user -> the version's published cold-start default. Each is a counted fallback."""
+    from shared.scoring import RequestKnowledge
+
+    item_ids = req["item_ids"]
+    # A complete in-memory catalogue: take the model's reduced rows (computed once per version); otherwise
+    # the raw vectors come from the store (some from Redis) and are reduced in the forward.
+    from_table = ranker.needs_items and kv.items_complete
+    ask_items = item_ids if ranker.needs_items and not from_table else None
+    fetched = store.fetch(kv, req["user_id"], ask_items, ranker.needs_user)
+    fallbacks.extend(fetched.fallbacks)
+    item_reduced = None
+    if from_table:
+        item_reduced, found = take_item_rows(kv.items, ranker.reduced_items(kv), item_ids)
+        fallbacks.extend(missing_item_fallbacks(kv, item_ids, found))
+    scen = None
+    if ranker.needs_scenario:
+        scen = kv.scenarios.get(req["scenario"])
+        if scen is None:
+            scen = np.full(kv.dim, np.nan, np.float32)
+            fallbacks.append(Fallback("scenario", UNKNOWN))
+    return RequestKnowledge(
+        scenario_vec=scen, user_vec=fetched.user_vec, item_vecs=fetched.item_vecs, item_reduced=item_reduced
+    )
+
+
+def _features(cands: list[dict], fields: tuple[str, ...]) -> dict[str, list] | None:
+    """The model's own feature columns (missing values are None); O(candidates x model fields), so keys the model
+    was not trained on cost nothing here. A column no candidate carries is left out (encoded as unknown)."""
+    out = {}
+    for name in fields:
+        col = [c.get(name) for c in cands]
+        if col.count(None) < len(col):
+            out[name] = [None if v is None else str(v) for v in col]
+    return out or None
 
 
 def _reload(st: ServingState, artifact: str) -> None:
     with st.reload_lock:
         new = Ranker.load(artifact)
+        _check_field_limit(new, st.settings)
         if new.uses_knowledge and st.store is None:
             raise UserFacingError("the new model needs knowledge but the service was started without any")
 

@@ -5,6 +5,16 @@ from __future__ import annotations
 import argparse
 
 
+class _RemovedAdminToken(argparse.Action):
+    """Refuses the removed --admin-token flag without echoing its value."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(
+            "--admin-token was removed (a flag is visible to other users in `ps`): set LLM4MSR_ADMIN_TOKEN or pass "
+            "--admin-token-file PATH"
+        )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
@@ -20,7 +30,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--max-candidates", type=int, help="candidates per request (default 1000)")
     p.add_argument("--max-body-bytes", type=int, help="request body limit (default 1000000)")
-    p.add_argument("--admin-token", help="token for POST /admin/reload (prefer LLM4MSR_ADMIN_TOKEN)")
+    p.add_argument(
+        "--max-candidate-fields",
+        type=int,
+        help="extra fields per candidate besides item_id (default 64); only the model's own features are read",
+    )
+    # No --admin-token: a flag's value is visible to every local user in `ps`. Declared (hidden) only so that it is
+    # refused by name instead of being taken as an abbreviation of --admin-token-file.
+    p.add_argument("--admin-token", nargs="?", action=_RemovedAdminToken, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--admin-token-file",
+        metavar="PATH",
+        help="file holding the token for POST /admin/reload (>= 32 characters); or set LLM4MSR_ADMIN_TOKEN",
+    )
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default 1)")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     p.set_defaults(handler=run_serve)
@@ -30,7 +52,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from online.app import create_app, load_state
-    from online.settings import ServeSettings
+    from online.settings import load_settings
 
     overrides = {
         k: v
@@ -42,12 +64,15 @@ def run_serve(args: argparse.Namespace) -> int:
             "port": args.port,
             "max_candidates": args.max_candidates,
             "max_body_bytes": args.max_body_bytes,
-            "admin_token": args.admin_token,
+            "max_candidate_fields": args.max_candidate_fields,
+            "admin_token_file": args.admin_token_file,
             "torch_threads": args.torch_threads,
         }.items()
         if v is not None
     }
-    settings = ServeSettings(**overrides)
+    if args.admin_token_file is not None:
+        overrides["admin_token"] = None  # the flag wins over LLM4MSR_ADMIN_TOKEN, as every flag wins over its variable
+    settings = load_settings(**overrides)  # a bad value is one error line naming the setting
     if args.knowledge:
         settings.redis_url = None
     elif args.redis_url:

@@ -19,6 +19,11 @@ from shared.errors import UserFacingError
 log = logging.getLogger(__name__)
 
 
+class KnowledgeDataError(UserFacingError):
+    """The served knowledge, not the request, cannot feed the model (e.g. a vector of the wrong length): the
+    service answers 503 for it, never 500, and never blames the client with a 4xx."""
+
+
 def cap_torch_threads(n: int) -> None:
     """One worker per container; more intra-op threads than cores only adds contention under concurrent load."""
     import torch
@@ -40,6 +45,8 @@ class Ranker:
     scenarios: tuple[str, ...]
     needs_levels: frozenset[str]
     backbone: str
+    # The candidate fields the model was trained on (FeatureEncoder.extra_fields): the only ones a request reads.
+    feature_fields: tuple[str, ...] = ()
     loaded_at: float = field(default_factory=time.time)
     _known_items: frozenset[str] = frozenset()
     _item_tables: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # knowledge version -> table
@@ -67,6 +74,7 @@ class Ranker:
             scenarios=tuple(cfg.scenarios),
             needs_levels=needs,
             backbone=str(getattr(cfg, "backbone", "")),
+            feature_fields=tuple(scorer.encoder.extra_fields),
             _known_items=frozenset(vocab.tokens) if (vocab := scorer.encoder.vocabs.get("item_id")) else frozenset(),
         )
         ranker.warm_up()
@@ -101,12 +109,34 @@ class Ranker:
         return sum(1 for i in item_ids if i not in known)
 
     def score(self, scenario: str, user_id: str, item_ids: list[str], knowledge, features=None) -> np.ndarray:
-        """One batched forward for all candidates (the meta layers are generated once per request)."""
+        """One batched forward for all candidates (the meta layers are generated once per request).
+
+        Knowledge of the wrong shape raises KnowledgeDataError (a data fault); any other UserFacingError from the
+        scorer is about the request's input."""
         import torch
 
+        self.check_knowledge(knowledge, len(item_ids))
         with torch.inference_mode():
             scores = self.scorer.score(scenario, user_id, item_ids, knowledge, features=features)
         return np.asarray(scores, dtype=np.float32).reshape(-1)
+
+    def check_knowledge(self, knowledge, n: int) -> None:
+        """Raises KnowledgeDataError naming the level when a vector the model reads does not have its dimension."""
+        dim, reduced = self.scorer.dim, self.scorer.reduced_dim
+        wanted = [
+            ("scenario", knowledge.scenario_vec, (dim,)),
+            ("user", knowledge.user_vec, (dim,)),
+            ("item", knowledge.item_vecs, (n, dim)),
+            ("item", knowledge.item_reduced, (n, reduced)),
+        ]
+        for level, value, shape in wanted:
+            got = np.shape(value)
+            if level in self.needs_levels and value is not None and got != shape:
+                if got and got[:-1] == shape[:-1]:  # only the vector length is wrong
+                    raise KnowledgeDataError(
+                        f"the {level} knowledge vector has {got[-1]} values, the model expects {shape[-1]}"
+                    )
+                raise KnowledgeDataError(f"the {level} knowledge has shape {got}, the model expects {shape}")
 
     def reduced_items(self, kv) -> np.ndarray:
         """The version's in-memory item vectors through this model's frozen reduction ([n, r], rows aligned with

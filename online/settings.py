@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import UserFacingError
+
+# An admin token must be unguessable: 32 characters of URL-safe base64 (secrets.token_urlsafe) carry 192 bits.
+ADMIN_TOKEN_MIN_CHARS = 32
 
 
 class ServeSettings(BaseSettings):
-    """Everything the ranker needs to start; e.g. LLM4MSR_REDIS_URL, LLM4MSR_ADMIN_TOKEN, LLM4MSR_MAX_CANDIDATES."""
+    """Everything the ranker needs to start; e.g. LLM4MSR_REDIS_URL, LLM4MSR_ADMIN_TOKEN, LLM4MSR_MAX_CANDIDATES.
+
+    Build it with `load_settings` to get one clear error line for a bad value instead of a ValidationError.
+    """
 
     model_config = SettingsConfigDict(env_prefix="LLM4MSR_", extra="ignore")
 
@@ -21,8 +30,18 @@ class ServeSettings(BaseSettings):
 
     max_candidates: int = Field(1000, ge=1, description="candidates per /rank request; more -> 422")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="request body size limit; larger -> 413")
+    # Bounds what one candidate can carry: its keys are counted on the request's bytes before any work is queued;
+    # only the model's own feature fields are read, every other key is ignored.
+    max_candidate_fields: int = Field(
+        64, ge=0, description="extra fields (besides item_id) per candidate; more -> 422 naming the candidate"
+    )
     default_top_k: int = Field(100, ge=1)
-    admin_token: str | None = Field(None, description="token for /admin/*; admin routes are off without it")
+    # Only from the environment or a file: a command-line flag would be readable by every user through `ps`.
+    admin_token: SecretStr | None = Field(
+        None,
+        description=f"token for /admin/*, at least {ADMIN_TOKEN_MIN_CHARS} characters; admin routes are off without it",
+    )
+    admin_token_file: Path | None = Field(None, description="file holding the admin token (instead of admin_token)")
 
     # Knowledge access
     user_cache_size: int = Field(100_000, ge=0, description="LRU entries of (version, user) vectors")
@@ -43,3 +62,39 @@ class ServeSettings(BaseSettings):
     # Python's GIL hand-over interval (default 5 ms): a request thread waiting for the GIL behind the event loop's
     # pure-Python work waits up to this long, which shows directly in p99. 0 = leave Python's default.
     gil_switch_interval_ms: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _admin_token(self) -> ServeSettings:
+        """Reads the token file and refuses guessable tokens at start-up, not at the first admin call."""
+        if self.admin_token is not None and not self.admin_token.get_secret_value():
+            self.admin_token = None  # LLM4MSR_ADMIN_TOKEN= (empty) means "admin routes off", as unset does
+        if self.admin_token_file is not None:
+            if self.admin_token is not None:
+                raise ValueError("set the admin token either in LLM4MSR_ADMIN_TOKEN or in a file, not both")
+            try:
+                text = self.admin_token_file.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+                raise ValueError(f"cannot read the admin token file {self.admin_token_file}: {why}") from None
+            if not text:
+                raise ValueError(f"the admin token file {self.admin_token_file} is empty")
+            self.admin_token = SecretStr(text)
+        if self.admin_token is not None and len(self.admin_token.get_secret_value()) < ADMIN_TOKEN_MIN_CHARS:
+            raise ValueError(
+                f"the admin token has {len(self.admin_token.get_secret_value())} characters, fewer than the "
+                f"{ADMIN_TOKEN_MIN_CHARS} required; make one with: python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'"
+            )
+        return self
+
+
+def load_settings(**overrides) -> ServeSettings:
+    """ServeSettings from flags (`overrides`) over the environment, or one UserFacingError line naming the setting."""
+    try:
+        return ServeSettings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False, include_input=False)[0]
+        name = ".".join(str(x) for x in err["loc"])
+        where = f"setting {name} (LLM4MSR_{name.upper()}): " if name else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        raise UserFacingError(f"invalid serve settings: {where}{msg}") from None

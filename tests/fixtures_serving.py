@@ -31,7 +31,8 @@ def make_space(dim: int = 8, model: str = "test-vectors") -> KnowledgeSpace:
     return KnowledgeSpace(model=model, template_sha256="0" * 64, pooling="mean", mode="encode", raw_dim=dim, dim=dim)
 
 
-def _table(ids: Sequence[str], dim: int, seed: int, answer: str | None) -> KnowledgeTable:
+def seeded_table(ids: Sequence[str], dim: int, seed: int, answer: str | None) -> KnowledgeTable:
+    """Seeded normal vectors with a prompt hash per id and, given a template, a readable answer."""
     rng = np.random.default_rng(seed)
     return KnowledgeTable(
         ids=list(ids),
@@ -55,10 +56,10 @@ def write_snapshot(
     out = Path(root) / version
     out.mkdir(parents=True, exist_ok=True)
     dim = space.dim
-    write_table(out / "scenarios.parquet", _table(scenarios, dim, seed + 1, "Scenario {id}: answer " + version))
-    write_table(out / "users.parquet", _table(users, dim, seed + 2, "User {id} likes things (" + version + ")"))
-    write_table(out / "items.parquet", _table(items, dim, seed + 3, None))
-    write_table(out / f"{DEFAULTS}.parquet", _table([DEFAULT_USER_ID], dim, seed + 4, None))
+    write_table(out / "scenarios.parquet", seeded_table(scenarios, dim, seed + 1, "Scenario {id}: answer " + version))
+    write_table(out / "users.parquet", seeded_table(users, dim, seed + 2, "User {id} likes things (" + version + ")"))
+    write_table(out / "items.parquet", seeded_table(items, dim, seed + 3, None))
+    write_table(out / f"{DEFAULTS}.parquet", seeded_table([DEFAULT_USER_ID], dim, seed + 4, None))
     manifest = Manifest(
         version=version,
         created_at="2024-01-01T00:00:00Z",
@@ -137,6 +138,8 @@ def start_server(
     raise RuntimeError(f"server not ready in {timeout} s:\n{server.log()}")
 
 
+FEATURE_VALUES = ("mobile", "web", "tv")
+
 VARIANT_LEVELS = {"plain": [], "llm4msr": ["scenario", "user"], "llm4msr-item": ["scenario", "user", "item"]}
 
 
@@ -164,11 +167,14 @@ def build_world(
     dim: int = 8,
     epochs: int = 1,
     items_per_scenario: int = 40,
+    feature_column: str | None = None,
 ) -> ServingWorld:
     """Trains tiny real artifacts (seconds on CPU) on seeded knowledge vectors of a real snapshot.
 
     Variants: `plain` (STAR backbone alone), `llm4msr` (the paper's scenario + user levels) and `llm4msr-item`
-    (scenario, user and item levels, so that every lookup path of the ranker is exercised).
+    (scenario, user and item levels, so that every lookup path of the ranker is exercised). `feature_column` adds
+    an extra categorical interaction column (values FEATURE_VALUES, seeded), which the models then read from
+    candidates.
     """
     from shared.dataset.folder import read_dataset, write_dataset
     from shared.dataset.split import make_split
@@ -177,12 +183,13 @@ def build_world(
 
     root = Path(root)
     data_dir = root / "data"
-    write_dataset(
-        generate(
-            SynthConfig(users=users, items_per_scenario=items_per_scenario, main_impressions=20, side_impressions=5)
-        ),
-        data_dir,
+    synth = generate(
+        SynthConfig(users=users, items_per_scenario=items_per_scenario, main_impressions=20, side_impressions=5)
     )
+    if feature_column:
+        rng = np.random.default_rng(3)
+        synth.interactions[feature_column] = rng.choice(FEATURE_VALUES, size=len(synth.interactions))
+    write_dataset(synth, data_dir)
     dataset = read_dataset(data_dir)
     split = make_split(dataset)
     scen = dataset.scenario_names
@@ -213,3 +220,56 @@ def rank_body(user_id: str, scenario: str, items: Sequence[str], top_k: int | No
     if top_k is not None:
         body["top_k"] = top_k
     return body
+
+
+def worst_rank_body(
+    user_id: str,
+    scenario: str,
+    feature_fields: Sequence[str],
+    max_candidates: int = 1000,
+    max_fields: int = 64,
+    max_body_bytes: int = 1_000_000,
+) -> bytes:
+    """The costliest /rank body the limits still admit: max_candidates distinct (unknown) item_ids, each candidate
+    carrying the model's own feature fields plus distinct junk fields up to max_fields with string values (the
+    most tokens per byte a flat field has; fewer fields only if they do not fit), then item_ids and junk names
+    made as long as the body limit allows."""
+    import json
+
+    def body(junk: int, id_len: int, key_len: int) -> bytes:
+        cands = []
+        for i in range(max_candidates):
+            cand: dict = {"item_id": f"{i:08d}".ljust(id_len, "x")}
+            cand.update({f: FEATURE_VALUES[i % len(FEATURE_VALUES)] for f in feature_fields})
+            cand.update({f"{i:04d}{j:02d}".ljust(key_len, "k"): "v" for j in range(junk)})
+            cands.append(cand)
+        doc = {"user_id": user_id, "scenario": scenario, "candidates": cands}
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    n = max_candidates
+    for junk in range(max(0, max_fields - len(feature_fields)), -1, -1):
+        out = body(junk, 8, 6)
+        if len(out) <= max_body_bytes:
+            break
+    else:
+        raise ValueError(f"no body of {n} candidates fits in max_body_bytes {max_body_bytes}")
+    id_len = min(256, 8 + (max_body_bytes - len(out)) // n)  # ID_MAX; each character costs n bytes
+    out = body(junk, id_len, 6)
+    if junk:
+        out = body(junk, id_len, 6 + (max_body_bytes - len(out)) // (junk * n))
+    return out
+
+
+def over_limit_body(user_id: str, scenario: str, max_body_bytes: int = 1_000_000) -> bytes:
+    """The issue-11 attack: one candidate with as many distinct keys as the body limit allows (~90k in 1 MB)."""
+    import json
+
+    keys = max_body_bytes // 12
+    cand = {"item_id": "x", **{f"k{j}": 0 for j in range(keys)}}
+    out = json.dumps({"user_id": user_id, "scenario": scenario, "candidates": [cand]}, separators=(",", ":")).encode()
+    while len(out) > max_body_bytes:
+        keys = int(keys * 0.97)
+        cand = {"item_id": "x", **{f"k{j}": 0 for j in range(keys)}}
+        out = json.dumps({"user_id": user_id, "scenario": scenario, "candidates": [cand]}, separators=(",", ":"))
+        out = out.encode()
+    return out

@@ -9,6 +9,8 @@ import pytest
 
 from tests.fixtures_serving import build_world, start_server
 
+TOKEN = "fuzz-admin-token-0123456789abcdefghij"  # >= 32 characters (ServeSettings refuses less)
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -25,7 +27,7 @@ def server(tmp_path_factory):
             "20000",
         ],
         tmp_path_factory.mktemp("logs") / "server.log",
-        env={"LLM4MSR_ADMIN_TOKEN": "fuzz-token"},
+        env={"LLM4MSR_ADMIN_TOKEN": TOKEN},
     )
     yield srv
     srv.stop()
@@ -58,7 +60,7 @@ def test_openapi_fuzz_finds_no_server_error(server, tmp_path):
             "--exclude-path",
             "/metrics",
             "--header",
-            "Authorization: Bearer fuzz-token",
+            f"Authorization: Bearer {TOKEN}",
         ],
         cwd=tmp_path,
         capture_output=True,

@@ -14,7 +14,7 @@ from tests.fixtures_serving import build_world, rank_body, start_server
 
 MAX_CANDIDATES = 200
 MAX_BODY = 64_000
-TOKEN = "s3cret-token"
+TOKEN = "test-admin-token-0123456789abcdefghijkl"  # >= 32 characters (ServeSettings refuses less)
 
 
 @pytest.fixture(scope="module")

@@ -101,8 +101,22 @@ def config_from_args(args: argparse.Namespace):
         retrain=args.retrain,
         train=train,
         reload_urls=tuple(args.reload_url),
-        admin_token=os.environ.get("LLM4MSR_ADMIN_TOKEN"),
+        admin_token=_admin_token(),
     )
+
+
+def _admin_token() -> str | None:
+    """The rankers' admin token, as they take it: LLM4MSR_ADMIN_TOKEN or the file LLM4MSR_ADMIN_TOKEN_FILE names."""
+    from shared.errors import UserFacingError
+
+    token = os.environ.get("LLM4MSR_ADMIN_TOKEN") or None
+    path = os.environ.get("LLM4MSR_ADMIN_TOKEN_FILE")
+    if path and token is None:
+        try:
+            token = open(path, encoding="utf-8").read().strip() or None
+        except OSError as exc:
+            raise UserFacingError(f"cannot read the admin token file {path}: {exc.strerror}") from None
+    return token
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:
