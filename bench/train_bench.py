@@ -6,7 +6,11 @@ alternate between plain and wrapped models (fair under background load). Without
 the synthetic generator scaled up and a random knowledge snapshot of SmolLM2's size (576): speed does not depend
 on the vectors' content.
 
-    python bench/train_bench.py [--data DIR --knowledge SNAPSHOT] [--threads 1] [--json OUT]
+With --determinism it measures instead what deterministic training costs: the training step time with torch's
+deterministic mode on (as `train` runs) and off, alternating between the two in every round on the same model,
+per backbone and variant; the ratio of the medians is the cost.
+
+    python bench/train_bench.py [--data DIR --knowledge SNAPSHOT] [--threads 1] [--determinism] [--json OUT]
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from offline.training.trainer import (  # noqa: E402
     KnowledgeTables,
     TrainConfig,
-    batch_knowledge,
     build_model,
+    deterministic_ops,
     encode_split,
     make_optimizer,
+    train_step,
 )
 from shared.artifact import Artifact, ArtifactConfig  # noqa: E402
 from shared.dataset.split import SplitConfig, make_split  # noqa: E402
@@ -72,8 +77,8 @@ def random_snapshot(dataset, split, root: Path, dim: int) -> KnowledgeSnapshot:
     return KnowledgeSnapshot(vdir)
 
 
-def bench_one(backbone, levels, dataset, split, snapshot, encoder, args) -> tuple[dict, dict[str, Callable]]:
-    """Trains a few timed steps; returns the results and the request calls that time_requests times."""
+def setup_training(backbone, levels, split, snapshot, encoder, args):
+    """A fresh model (seed 0), its optimizer, knowledge tables and encoded train rows, as `train` builds them."""
     cfg = TrainConfig(
         backbone=backbone,
         llm4msr=levels is not None,
@@ -88,29 +93,59 @@ def bench_one(backbone, levels, dataset, split, snapshot, encoder, args) -> tupl
     if tables is not None:
         tables.fit_and_reduce(model)
     data = encode_split(split.train, encoder, tables)
-    optim = make_optimizer(model, cfg)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
     model.train()
+    return model, make_optimizer(model, cfg), tables, data
+
+
+def timed_steps(model, optim, tables, data, perm: torch.Tensor, first: int, count: int, batch: int) -> list[float]:
+    """Seconds of `count` training steps on batches first, first + 1, ... of perm (wrapping around)."""
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    n_batches = max(1, len(perm) // batch)
+    times = []
+    for step in range(first, first + count):
+        b = step % n_batches
+        idx = perm[b * batch : (b + 1) * batch]
+        t0 = time.perf_counter()
+        train_step(model, optim, loss_fn, tables, data, idx)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_determinism(backbone, levels, split, snapshot, encoder, args) -> dict:
+    """Training step time with torch's deterministic mode on and off, alternating every round (the order too) on
+    one model, so that background load and the model's state hit both alike. The cost is the median over rounds of
+    the ratio of the round's two median step times: pairing adjacent measurements cancels slow load changes."""
+    model, optim, tables, data = setup_training(backbone, levels, split, snapshot, encoder, args)
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+    per_round = max(1, args.batches // args.rounds)
+    timed_steps(model, optim, tables, data, perm, 0, 3, args.batch_size)  # warm-up
+    times: dict[bool, list[float]] = {True: [], False: []}
+    ratios = []
+    step = 3
+    for r in range(args.rounds):
+        medians = {}
+        for deterministic in (True, False) if r % 2 == 0 else (False, True):
+            with deterministic_ops(deterministic):
+                t = timed_steps(model, optim, tables, data, perm, step, per_round, args.batch_size)
+            times[deterministic] += t
+            medians[deterministic] = float(np.median(t))
+            step += per_round
+        ratios.append(medians[True] / medians[False])
+    return {
+        "deterministic_samples_per_s": args.batch_size / float(np.median(times[True])),
+        "nondeterministic_samples_per_s": args.batch_size / float(np.median(times[False])),
+        "cost_ratio": float(np.median(ratios)),
+        "steps_per_mode": len(times[True]),
+    }
+
+
+def bench_one(backbone, levels, dataset, split, snapshot, encoder, args) -> tuple[dict, dict[str, Callable]]:
+    """Trains a few timed steps; returns the results and the request calls that time_requests times."""
+    model, optim, tables, data = setup_training(backbone, levels, split, snapshot, encoder, args)
     perm = torch.randperm(len(data))
     steps = min(args.batches, len(data) // args.batch_size)
-    times = []
-    for step in range(steps + 3):
-        idx = perm[step * args.batch_size : (step + 1) * args.batch_size]
-        t0 = time.perf_counter()
-        loss = loss_fn(
-            model(
-                data.rows("fields", idx),
-                data.rows("scenario", idx),
-                batch_knowledge(tables, data, idx),
-                tables is not None,
-            ),
-            data.rows("label", idx),
-        )
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
-        if step >= 3:  # warm-up
-            times.append(time.perf_counter() - t0)
+    with deterministic_ops():  # as `train` runs
+        times = timed_steps(model, optim, tables, data, perm, 0, steps + 3, args.batch_size)[3:]  # after warm-up
     # Median step time: robust to other processes on a shared machine (the mean is reported too).
     samples_per_s = args.batch_size / float(np.median(times))
     mean_samples_per_s = args.batch_size * len(times) / sum(times)
@@ -176,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=6, help="alternations between the variants when timing requests")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dim", type=int, default=576, help="knowledge dim of the random snapshot")
+    p.add_argument(
+        "--determinism", action="store_true", help="measure the cost of deterministic training (see the module doc)"
+    )
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -195,6 +233,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     encoder = FeatureEncoder.fit(dataset, split.train)
     rows = []
+    meta = {
+        "dataset": dataset.name,
+        "train_rows": len(split.train),
+        "knowledge_dim": snapshot.space.dim,
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "candidates": args.candidates,
+        "torch_version": torch.__version__,
+    }
+    if args.determinism:
+        for backbone in args.backbones.split(","):
+            for variant, levels in VARIANTS.items():
+                r = {"backbone": backbone, "variant": variant}
+                r.update(bench_determinism(backbone, levels, split, snapshot, encoder, args))
+                rows.append(r)
+                print(
+                    f"{backbone:<14} {variant:<8} deterministic {r['deterministic_samples_per_s']:>9.0f} samples/s"
+                    f"  torch default {r['nondeterministic_samples_per_s']:>9.0f} samples/s"
+                    f"  cost x{r['cost_ratio']:.3f}",
+                    flush=True,
+                )
+        ratios = [r["cost_ratio"] for r in rows]
+        print(
+            f"threads {args.threads}: median cost x{np.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
+        )
+        if args.json:
+            Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        return 0
     for backbone in args.backbones.split(","):
         results, calls = {}, {}
         for variant, levels in VARIANTS.items():
@@ -225,14 +291,6 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 flush=True,
             )
-    meta = {
-        "dataset": dataset.name,
-        "train_rows": len(split.train),
-        "knowledge_dim": snapshot.space.dim,
-        "threads": args.threads,
-        "batch_size": args.batch_size,
-        "candidates": args.candidates,
-    }
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     return 0

@@ -1,16 +1,23 @@
 """The model artifact: what training writes and the ranking service loads (DESIGN section 4).
 
     <dir>/config.json        ArtifactConfig: backbone, hyper-parameters, scenarios, vocab sizes, knowledge space,
-                             metrics, data fingerprint, model_version, sha256 of every file + of the config itself
+                             metrics, data fingerprint, model_version, sha256 of every file + of the config itself,
+                             and an HMAC signature when a key was set at save time
     <dir>/model.safetensors  weights and buffers (no pickle: loading never executes code from the artifact)
     <dir>/features.json      id -> index maps (vocabularies), item -> category map, user feature table
 
-Every checksum is verified on load; any mismatch is refused with a clear error.
+Every checksum is verified on load; any mismatch is refused with a clear error. The checksums live beside the
+files they cover, so they detect corruption (a truncated copy, a flipped bit, a hand edit), not tampering: whoever
+can write the folder can recompute them. Signing covers that: with LLM4MSR_ARTIFACT_KEY (or LLM4MSR_ARTIFACT_KEY_FILE,
+a file holding the key) set at save time, config.json gets `signature` = HMAC-SHA256(key, config checksum), and the
+config checksum covers every file's sha256. With the key set at load time, an artifact without a valid signature is
+refused; without a key, artifacts load as before (signed or not) and only corruption is detected.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 from dataclasses import dataclass
@@ -30,6 +37,10 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 FEATURES = "features.json"
 FORMAT_VERSION = 1
+KEY_ENV = "LLM4MSR_ARTIFACT_KEY"
+KEY_FILE_ENV = "LLM4MSR_ARTIFACT_KEY_FILE"
+MIN_KEY_BYTES = 32
+SIGNATURE_PREFIX = "hmac-sha256:"
 
 
 class ArtifactConfig(BaseModel):
@@ -56,10 +67,12 @@ class ArtifactConfig(BaseModel):
     split_config: dict = {}
     files: dict[str, str] = {}
     checksum: str = ""
+    signature: str = ""  # "hmac-sha256:<hex>" over `checksum`, or "" when saved without a key
 
     def config_checksum(self) -> str:
-        """sha256 of the canonical JSON of everything but the checksum field (covers the file checksums too)."""
-        payload = self.model_dump(mode="json", exclude={"checksum"})
+        """sha256 of the canonical JSON of everything but checksum and signature (covers the file checksums too;
+        unsigned artifacts written before signing existed keep their checksum)."""
+        payload = self.model_dump(mode="json", exclude={"checksum", "signature"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -83,6 +96,80 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def signing_key() -> bytes | None:
+    """The HMAC key from LLM4MSR_ARTIFACT_KEY or the file named by LLM4MSR_ARTIFACT_KEY_FILE; None when neither is
+    set. A file's trailing newline is not part of the key."""
+    value, file = os.environ.get(KEY_ENV), os.environ.get(KEY_FILE_ENV)
+    if value and file:
+        raise UserFacingError(f"set only one of {KEY_ENV} and {KEY_FILE_ENV}")
+    if file:
+        try:
+            key = Path(file).read_bytes().rstrip(b"\r\n")
+        except OSError as exc:
+            raise UserFacingError(f"{KEY_FILE_ENV}={file}: cannot read the key file ({exc.strerror})") from None
+        where = f"the key file {file} ({KEY_FILE_ENV})"
+    elif value is not None:
+        key, where = value.encode(), KEY_ENV
+    else:
+        return None
+    if len(key) < MIN_KEY_BYTES:
+        raise UserFacingError(
+            f"artifact signing key from {where} is {len(key)} bytes; use at least {MIN_KEY_BYTES} "
+            "(e.g. `openssl rand -hex 32`)"
+        )
+    return key
+
+
+def sign(checksum: str, key: bytes) -> str:
+    return SIGNATURE_PREFIX + hmac.new(key, checksum.encode(), hashlib.sha256).hexdigest()
+
+
+def verify_signature(cfg: ArtifactConfig, file: Path, key: bytes | None) -> None:
+    """With a key, refuses a config whose signature is missing or was not made with that key."""
+    if key is None:
+        return
+    if not cfg.signature:
+        raise UserFacingError(
+            f"{file}: the artifact is not signed, but {KEY_ENV}/{KEY_FILE_ENV} is set; refusing it "
+            "(save it again with the key set, or unset the key to accept unsigned artifacts)"
+        )
+    if not hmac.compare_digest(cfg.signature, sign(cfg.checksum, key)):
+        raise UserFacingError(
+            f"{file}: invalid signature: the artifact was modified after signing or signed with another key; "
+            "refusing it"
+        )
+
+
+def build_config(
+    model: CTRModel, encoder: FeatureEncoder, config_fields: dict, files: dict[str, str]
+) -> ArtifactConfig:
+    """The ArtifactConfig of a trained model (checksum set, not signed); config_fields = the fields not derived
+    here, files = sha256 per file (empty for an artifact that lives only in memory)."""
+    fields = dict(config_fields)
+    fields.setdefault("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    fields.setdefault("model_version", "")
+    cfg = ArtifactConfig(
+        **fields,
+        model=model.config,
+        backbone=model.config.backbone,
+        backbone_params=model.config.backbone_params,
+        scenarios=encoder.scenarios,
+        vocab_sizes=encoder.field_sizes(),
+        files=files,
+    )
+    if not cfg.model_version:
+        variant = cfg.knowledge_source if cfg.llm4msr else "plain"
+        cfg.model_version = f"{cfg.backbone}-{variant}-{files.get(WEIGHTS, 'in-memory')[:12]}"
+    cfg.checksum = cfg.config_checksum()
+    return cfg
+
+
+def in_memory_artifact(model: CTRModel, encoder: FeatureEncoder, config_fields: dict) -> Artifact:
+    """A trained model as an Artifact without writing it, so that it can be scored through shared.scoring exactly
+    as a loaded one (compare evaluates its runs this way)."""
+    return Artifact(config=build_config(model, encoder, config_fields, {}), model=model.eval(), encoder=encoder)
+
+
 def state_tensors(model: CTRModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
 
@@ -94,34 +181,23 @@ def save_artifact(
     config_fields: dict,
     overwrite: bool = False,
 ) -> Path:
-    """Writes the folder atomically. config_fields = the ArtifactConfig fields not derived here."""
+    """Writes the folder atomically, signed when a key is set (see the module doc). config_fields = the
+    ArtifactConfig fields not derived here."""
+    key = signing_key()  # a bad key fails before any work
 
     def build(tmp: Path) -> None:
         save_file(state_tensors(model), str(tmp / WEIGHTS))
         (tmp / FEATURES).write_text(json.dumps(encoder.to_dict()) + "\n")
-        files = {name: _sha256(tmp / name) for name in (WEIGHTS, FEATURES)}
-        fields = dict(config_fields)
-        fields.setdefault("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        fields.setdefault("model_version", "")
-        cfg = ArtifactConfig(
-            **fields,
-            model=model.config,
-            backbone=model.config.backbone,
-            backbone_params=model.config.backbone_params,
-            scenarios=encoder.scenarios,
-            vocab_sizes=encoder.field_sizes(),
-            files=files,
-        )
-        if not cfg.model_version:
-            variant = cfg.knowledge_source if cfg.llm4msr else "plain"
-            cfg.model_version = f"{cfg.backbone}-{variant}-{files[WEIGHTS][:12]}"
-        cfg.checksum = cfg.config_checksum()
+        cfg = build_config(model, encoder, config_fields, {name: _sha256(tmp / name) for name in (WEIGHTS, FEATURES)})
+        if key is not None:
+            cfg.signature = sign(cfg.checksum, key)
         (tmp / CONFIG).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
 
     return replace_dir_atomically(build, out_dir, overwrite=overwrite)
 
 
 def read_artifact_config(path: str | os.PathLike) -> ArtifactConfig:
+    """The verified config: its checksum, and its signature when a key is set (see the module doc)."""
     path = Path(path)
     file = path / CONFIG
     if not file.is_file():
@@ -134,6 +210,7 @@ def read_artifact_config(path: str | os.PathLike) -> ArtifactConfig:
         raise UserFacingError(f"{file}: artifact format {cfg.format_version} is not supported ({FORMAT_VERSION})")
     if cfg.checksum != cfg.config_checksum():
         raise UserFacingError(f"{file}: checksum mismatch: config.json was modified after training; refusing it")
+    verify_signature(cfg, file, signing_key())
     return cfg
 
 
@@ -148,7 +225,7 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
         if not file.is_file():
             raise UserFacingError(f"artifact {path} is incomplete: {name} is missing")
         if _sha256(file) != cfg.files[name]:
-            raise UserFacingError(f"artifact {path}: checksum mismatch for {name} (corrupted or tampered); refusing it")
+            raise UserFacingError(f"artifact {path}: checksum mismatch for {name} (corrupted or modified); refusing it")
     encoder = FeatureEncoder.from_dict(json.loads((path / FEATURES).read_text()))
     model = CTRModel(cfg.model)
     try:

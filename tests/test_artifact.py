@@ -6,10 +6,19 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from fixtures_models import latent_snapshot, latent_task, tiny_train_config, write_snapshot
 
 from offline.training.trainer import train
-from shared.artifact import check_knowledge_space, load_artifact, save_artifact
+from shared.artifact import (
+    KEY_ENV,
+    KEY_FILE_ENV,
+    ArtifactConfig,
+    check_knowledge_space,
+    load_artifact,
+    read_artifact_config,
+    save_artifact,
+)
 from shared.dataset.split import SplitConfig, make_split
 from shared.errors import UserFacingError
 from shared.knowledge.snapshot import KnowledgeSnapshot
@@ -203,7 +212,99 @@ def test_random_control_vectors_are_stored_in_the_artifact(task, tmp_path):
 
     tensors = load_file(str(path / "model.safetensors"))
     assert "wrapper.random_user" in tensors
-    scorer = RequestScorer(load_artifact(path))
-    np.testing.assert_allclose(scorer.score_rows(split.test, None), scorer.score_rows(split.test, None))
-    overall = summarize(split.test, scorer.score_rows(split.test, None))["overall"]
+    np.testing.assert_array_equal(tensors["wrapper.random_user"].numpy(), r.model.wrapper.random_user.numpy())
+    # Loading must restore the stored vectors, not draw new ones: two loads under different torch seeds (which a
+    # fresh draw would follow) score alike, and like the trained model.
+    torch.manual_seed(1)
+    first = RequestScorer(load_artifact(path)).score_rows(split.test, None)
+    torch.manual_seed(2)
+    second = RequestScorer(load_artifact(path)).score_rows(split.test, None)
+    np.testing.assert_array_equal(first, second)
+    overall = summarize(split.test, first)["overall"]
     assert overall == pytest.approx(r.metrics["test"]["overall"], rel=1e-6)
+
+
+def _rewrite_config(path, change) -> None:
+    """An edit that keeps the checksums valid, as anyone who can write the folder can do."""
+    file = path / "config.json"
+    cfg = ArtifactConfig.model_validate_json(file.read_text())
+    change(cfg)
+    cfg.checksum = cfg.config_checksum()
+    file.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
+
+
+def test_signing_detects_tampering_that_checksums_cannot(task, trained, tmp_path, monkeypatch):
+    import hashlib
+    import shutil
+
+    _, split, _, _ = task
+    result, unsigned = trained
+    key = "k" * 40
+    monkeypatch.setenv(KEY_ENV, key)
+    signed = save_artifact(tmp_path / "signed", result.model, result.encoder, result.artifact_fields(split))
+    assert json.loads((signed / "config.json").read_text())["signature"].startswith("hmac-sha256:")
+    assert (
+        load_artifact(signed).config.files["model.safetensors"]
+        == json.loads((unsigned / "config.json").read_text())["files"]["model.safetensors"]
+    )
+
+    # Metrics rewritten with a valid checksum: only the signature notices.
+    edited = tmp_path / "edited"
+    shutil.copytree(signed, edited)
+    _rewrite_config(edited, lambda c: c.metrics["test"]["overall"].update(auc=0.99))
+    with pytest.raises(UserFacingError, match="invalid signature"):
+        read_artifact_config(edited)
+    # Weights replaced, their sha256 updated in the config: refused too.
+    swapped = tmp_path / "swapped"
+    shutil.copytree(signed, swapped)
+    weights = bytearray((swapped / "model.safetensors").read_bytes())
+    weights[-5] ^= 0xFF
+    (swapped / "model.safetensors").write_bytes(bytes(weights))
+    digest = hashlib.sha256(bytes(weights)).hexdigest()
+    _rewrite_config(swapped, lambda c: c.files.update({"model.safetensors": digest}))
+    with pytest.raises(UserFacingError, match="invalid signature"):
+        load_artifact(swapped)
+    # An unsigned artifact, or one signed with another key, is refused while a key is set.
+    with pytest.raises(UserFacingError, match="not signed, but LLM4MSR_ARTIFACT_KEY"):
+        load_artifact(unsigned)
+    monkeypatch.setenv(KEY_ENV, "o" * 40)
+    with pytest.raises(UserFacingError, match="invalid signature"):
+        load_artifact(signed)
+
+    # The key from a file (trailing newline ignored) verifies the same signature.
+    monkeypatch.delenv(KEY_ENV)
+    key_file = tmp_path / "artifact.key"
+    key_file.write_text(key + "\n")
+    monkeypatch.setenv(KEY_FILE_ENV, str(key_file))
+    assert load_artifact(signed).config.signature
+    monkeypatch.setenv(KEY_ENV, key)
+    with pytest.raises(UserFacingError, match="only one of"):
+        load_artifact(signed)
+
+    # Without a key: loads as before, signed or not; the checksums alone cannot see the rewritten metrics.
+    monkeypatch.delenv(KEY_ENV)
+    monkeypatch.delenv(KEY_FILE_ENV)
+    assert load_artifact(signed).config.signature
+    assert read_artifact_config(edited).metrics["test"]["overall"]["auc"] == 0.99
+    load_artifact(swapped)
+
+
+def test_bad_keys_are_clear_errors(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "short")
+    with pytest.raises(UserFacingError, match="LLM4MSR_ARTIFACT_KEY is 5 bytes; use at least 32"):
+        load_artifact(trained[1])
+    monkeypatch.delenv(KEY_ENV)
+    monkeypatch.setenv(KEY_FILE_ENV, str(tmp_path / "no-such.key"))
+    with pytest.raises(UserFacingError, match="cannot read the key file"):
+        load_artifact(trained[1])
+
+
+def test_artifact_written_before_signing_still_loads(trained, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(trained[1], old)
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["signature"]  # the field did not exist then; the checksum never covered it
+    (old / "config.json").write_text(json.dumps(cfg))
+    assert load_artifact(old).config.checksum == cfg["checksum"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import math
 
 import pytest
 from fixtures_models import tiny_train_config, train_tiny_artifact, write_planted_snapshot, write_snapshot
@@ -48,6 +51,28 @@ def test_early_stopping_restores_the_best_epoch(synth):
     assert r.best_epoch == aucs.index(max(aucs)) + 1
     assert r.metrics["valid"]["overall"]["auc"] == pytest.approx(max(aucs), rel=1e-5)
     assert len(r.history) <= 6 and all(h["samples_per_s"] > 0 for h in r.history)
+
+
+def test_one_class_validation_stops_on_logloss(synth, caplog):
+    """Validation AUC is NaN in every epoch when the validation rows have one class: early stopping falls back to
+    validation logloss (and says so) instead of crashing on load_state_dict(None)."""
+    dataset, split, _ = synth
+    one_class = dataclasses.replace(split, valid=split.valid.assign(label=0.0))
+    with caplog.at_level(logging.WARNING, logger="offline.training.trainer"):
+        r = train(dataset, one_class, None, tiny_train_config(llm4msr=False, epochs=4, patience=4, lr=0.01))
+    assert "early stopping uses validation logloss" in caplog.text
+    assert r.early_stopping == "logloss"
+    assert all(math.isnan(h["valid_auc"]) for h in r.history)
+    losses = [h["valid_logloss"] for h in r.history]
+    assert r.best_epoch == losses.index(min(losses)) + 1
+    assert r.metrics["valid"]["overall"]["logloss"] == pytest.approx(min(losses), rel=1e-5)
+
+
+def test_diverged_training_is_a_clear_error(synth):
+    """Non-finite scores in every epoch: a one-line UserFacingError, not a traceback."""
+    dataset, split, _ = synth
+    with pytest.raises(UserFacingError, match=r"validation AUC was NaN in all 2 epoch\(s\).*lower --lr"):
+        train(dataset, split, None, tiny_train_config(llm4msr=False, epochs=2, lr=1e20))
 
 
 def test_cli_train_then_evaluate(synth_dir, synth, tmp_path, capsys):

@@ -27,12 +27,39 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--meta-dim", type=int, default=32, help="LLM4MSR: meta layer width")
     g.add_argument("--rank", type=int, default=8, help="LLM4MSR: rank of the generated weights")
     g.add_argument("--hyper-hidden", type=int, default=32, help="LLM4MSR: hypernetwork hidden size")
-    g.add_argument("--threads", type=int, default=2, help="torch threads (this machine has 2 cores)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads; the same seed and thread count give a byte-identical model (recorded in the artifact)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _levels(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _top_k(text: str) -> list[int]:
+    """--top-k: distinct positive integers, sorted."""
+    try:
+        ks = sorted({int(t) for t in _levels(text)})
+    except ValueError:
+        ks = []
+    if not ks or ks[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers such as 5,10,20, got {text!r}")
+    return ks
+
+
+def add_top_k_arg(p: argparse.ArgumentParser) -> None:
+    from shared.metrics import DEFAULT_TOP_K
+
+    p.add_argument(
+        "--top-k",
+        type=_top_k,
+        default=list(DEFAULT_TOP_K),
+        help="K of Recall@K, NDCG@K and MRR@K over each user's rows ranked by score (default %(default)s)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,12 +89,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_split_args(p)
     p.set_defaults(handler=cmd_train)
 
-    p = sub.add_parser("evaluate", help="AUC, Logloss, GAUC of an artifact, overall and per scenario")
+    p = sub.add_parser(
+        "evaluate", help="AUC, Logloss, GAUC, Recall/NDCG/MRR@K of an artifact, overall and per scenario"
+    )
     p.add_argument("artifact", help="artifact folder")
     p.add_argument("--data", required=True, help="dataset folder (split as recorded in the artifact)")
-    p.add_argument("--knowledge", help="knowledge snapshot (needed when the model reads LLM vectors)")
+    p.add_argument(
+        "--knowledge",
+        help="knowledge snapshot (needed when the model reads LLM vectors; must be built on the evaluated split)",
+    )
     p.add_argument("--split", choices=("valid", "test", "both"), default="both")
     p.add_argument("--json", action="store_true")
+    add_top_k_arg(p)
     p.set_defaults(handler=cmd_evaluate)
 
     p = sub.add_parser("compare", help="train every backbone plain / +LLM4MSR / controls over seeds; write a report")
@@ -82,8 +115,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="subset of plain,llm_su,llm_sui,id_sui,random_sui (also id_su, random_su)",
     )
-    p.add_argument("--out", required=True, help="report folder; finished runs are kept and skipped on re-run")
-    p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="report folder; a finished run is reused on re-run when made with the same settings, else recomputed",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only rebuild the report from the finished runs made with these settings",
+    )
+    add_top_k_arg(p)
     add_train_args(p)
     add_split_args(p)
     p.set_defaults(handler=cmd_compare)
@@ -119,13 +161,22 @@ def _train_config(args: argparse.Namespace, **overrides):
 
 
 def format_metrics(metrics: dict) -> str:
+    """The CTR table, then (when computed) the top-K table: users ranked, then Recall@K, NDCG@K, MRR@K per K."""
+    blocks = [
+        (split, name, b)
+        for split, m in metrics.items()
+        for name, b in [("overall", m["overall"]), *m["per_scenario"].items()]
+    ]
     lines = [f"{'split':<6} {'scenario':<20} {'AUC':>7} {'GAUC':>7} {'Logloss':>8} {'rows':>9}"]
-    for split, m in metrics.items():
-        blocks = [("overall", m["overall"]), *m["per_scenario"].items()]
-        for name, b in blocks:
-            lines.append(
-                f"{split:<6} {name:<20} {b['auc']:>7.4f} {b['gauc']:>7.4f} {b['logloss']:>8.4f} {b['rows']:>9d}"
-            )
+    for split, name, b in blocks:
+        lines.append(f"{split:<6} {name:<20} {b['auc']:>7.4f} {b['gauc']:>7.4f} {b['logloss']:>8.4f} {b['rows']:>9d}")
+    ks = sorted(int(key.split("@")[1]) for key in (blocks[0][2] if blocks else {}) if key.startswith("ndcg@"))
+    if ks:
+        cols = [f"{m}@{k}" for m in ("recall", "ndcg", "mrr") for k in ks]
+        heads = [f"{m}@{k}" for m in ("R", "NDCG", "MRR") for k in ks]
+        lines += ["", f"{'split':<6} {'scenario':<20} {'users':>7} " + " ".join(f"{h:>8}" for h in heads)]
+        for split, name, b in blocks:
+            lines.append(f"{split:<6} {name:<20} {b['topk_users']:>7d} " + " ".join(f"{b[c]:>8.4f}" for c in cols))
     return "\n".join(lines)
 
 
@@ -149,6 +200,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from offline.common import load_split
+    from offline.training.trainer import check_snapshot_split
     from shared.artifact import check_knowledge_space, load_artifact
     from shared.dataset.split import SplitConfig
     from shared.knowledge.snapshot import KnowledgeSnapshot
@@ -157,16 +209,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     artifact = load_artifact(args.artifact)
     scorer = RequestScorer(artifact)
+    _, split = load_split(args.data, SplitConfig(**artifact.config.split_config))
+    if split.dataset_fingerprint != artifact.config.data_fingerprint:
+        log.warning("the data differs from the data the model was trained on (fingerprint mismatch)")
+    import torch
+
+    trained_with = artifact.config.train.get("torch_version")
+    if trained_with and trained_with != torch.__version__:
+        log.warning(
+            "trained with torch %s, evaluating with %s: metrics may differ from the stored ones in the last digits",
+            trained_with,
+            torch.__version__,
+        )
     lookup = None
     if args.knowledge:
         snapshot = KnowledgeSnapshot(args.knowledge)
         check_knowledge_space(artifact.config, snapshot.space.id, f"snapshot {snapshot.path}")
+        if scorer.needs_levels:  # the leakage guard of train: vectors must come from this split's train rows
+            check_snapshot_split(snapshot, split)
         lookup = SnapshotLookup(snapshot)
-    _, split = load_split(args.data, SplitConfig(**artifact.config.split_config))
-    if split.dataset_fingerprint != artifact.config.data_fingerprint:
-        log.warning("the data differs from the data the model was trained on (fingerprint mismatch)")
     names = ("valid", "test") if args.split == "both" else (args.split,)
-    metrics = {name: summarize(split.frames()[name], scorer.score_rows(split.frames()[name], lookup)) for name in names}
+    frames = split.frames()
+    metrics = {name: summarize(frames[name], scorer.score_rows(frames[name], lookup), args.top_k) for name in names}
     if args.json:
         print(json.dumps({"model_version": artifact.config.model_version, "metrics": metrics}, indent=2))
     else:

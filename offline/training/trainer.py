@@ -1,15 +1,28 @@
-"""Training loop: Adam, early stopping on validation AUC, seeded, capped threads, progress with samples/s.
+"""Training loop: Adam, early stopping on validation AUC (logloss if AUC is undefined), seeded, capped threads,
+progress with samples/s.
 
 Data comes from the Split (train/valid/test rows); knowledge from a KnowledgeSnapshot built on the SAME split
 (its manifest's split_fingerprint must equal the split's, otherwise the user prompts may have seen held-out rows).
+
+Reproducible at any thread count: the same data, knowledge, config, seed and thread count give a byte-identical
+model.safetensors on the same machine and torch version (another thread count changes the last bits: float sums
+are split per thread). Data order comes from seeded generators only, and every op whose backward accumulates into
+shared rows has a deterministic CPU kernel: the models gather with embedding / index_select / gather (their
+backwards add serially or per output row), never with advanced indexing (param[index]), whose backward
+(accumulating index_put_) adds with atomic floats across threads in an order that changes from run to run.
+`deterministic_ops` turns on torch's deterministic mode while training as a guard for code added later (it makes
+that index_put_ serial). The artifact records torch's version and the thread count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -166,6 +179,44 @@ def make_optimizer(model: CTRModel, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
+@contextlib.contextmanager
+def deterministic_ops(enabled: bool = True) -> Iterator[None]:
+    """torch's deterministic mode for the duration of the block, then the previous settings (the process may be a
+    test or a notebook). Filling uninitialized memory, a debugging aid of the same switch, stays off: training
+    never reads uninitialized memory, and the fill would cost a write per allocation."""
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+    )
+    torch.use_deterministic_algorithms(enabled)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.utils.deterministic.fill_uninitialized_memory = previous[2]
+
+
+def train_step(
+    model: CTRModel,
+    optim: torch.optim.Optimizer,
+    loss_fn: torch.nn.Module,
+    tables: KnowledgeTables | None,
+    data: Arrays,
+    idx: torch.Tensor,
+) -> torch.Tensor:
+    """One optimizer step on rows idx of data; returns the (detached) mean loss."""
+    logits = model(
+        data.rows("fields", idx), data.rows("scenario", idx), batch_knowledge(tables, data, idx), _reduced(tables)
+    )
+    loss = loss_fn(logits, data.rows("label", idx))
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    optim.step()
+    return loss.detach()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -185,6 +236,16 @@ def predict(model: CTRModel, tables: KnowledgeTables | None, data: Arrays, batch
     return out
 
 
+def runtime_info() -> dict:
+    """What a bit-identical retrain or evaluation needs beyond the config: torch's version and the intra-op thread
+    count actually used (float reductions are split by thread, so results depend on both)."""
+    return {
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+    }
+
+
 @dataclass
 class TrainResult:
     model: CTRModel
@@ -195,6 +256,8 @@ class TrainResult:
     knowledge: KnowledgeSnapshot | None
     seconds: float
     best_epoch: int
+    early_stopping: str = "auc"  # the validation metric early stopping followed
+    runtime: dict = field(default_factory=dict)  # runtime_info() at training time
 
     def artifact_fields(self, split: Split) -> dict:
         """The ArtifactConfig fields that training knows."""
@@ -211,6 +274,8 @@ class TrainResult:
             "train": {
                 **self.config.to_dict(),
                 "best_epoch": self.best_epoch,
+                "early_stopping": self.early_stopping,
+                **self.runtime,
                 "seconds": round(self.seconds, 1),
                 "history": self.history,
             },
@@ -228,7 +293,7 @@ def check_snapshot_split(snapshot: KnowledgeSnapshot, split: Split) -> None:
             f"knowledge snapshot {snapshot.path} was built on another split (split fingerprint "
             f"{snapshot.manifest.split_fingerprint[:12]}, this data/split is {split.fingerprint()[:12]}): its user "
             "prompts may contain validation/test interactions. Rebuild the knowledge with the same data and split "
-            "options, or pass the same split options here"
+            "options (train: or pass the snapshot's split options)"
         )
 
 
@@ -259,9 +324,39 @@ def build_model(cfg: TrainConfig, encoder: FeatureEncoder, knowledge_dim: int) -
     )
 
 
+METRIC_NAMES = {"auc": "AUC", "logloss": "logloss"}
+
+
+def early_stopping_metric(valid: Arrays) -> str:
+    """The validation metric early stopping follows: AUC, or logloss when the validation rows have one class only
+    (AUC is undefined there, NaN in every epoch, while logloss still tells a better model from a worse one)."""
+    labels = valid.label
+    if len(labels) and bool((labels == labels[0]).all()):
+        log.warning(
+            "the validation split has one class only (%d rows, all label %g): AUC is undefined, so early stopping "
+            "uses validation logloss",
+            len(labels),
+            float(labels[0]),
+        )
+        return "logloss"
+    return "auc"
+
+
 def train(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, cfg: TrainConfig) -> TrainResult:
+    """Trains with early stopping and returns the best epoch's model and its valid/test metrics.
+
+    Early stopping follows validation AUC, or validation logloss when the validation split has one class only
+    (logged; see early_stopping_metric). An epoch whose metric is NaN (non-finite scores) never counts as the best;
+    if no epoch has a usable metric, training fails with a UserFacingError instead of keeping an arbitrary model.
+    Byte-identical for the same inputs, seed and thread count (see the module doc).
+    """
     torch.set_num_threads(max(1, cfg.threads))
     seed_everything(cfg.seed)
+    with deterministic_ops():
+        return _train(dataset, split, snapshot, cfg)
+
+
+def _train(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, cfg: TrainConfig) -> TrainResult:
     started = time.perf_counter()
     uses_llm = cfg.llm4msr and cfg.knowledge_source == "llm"
     tables = None
@@ -280,10 +375,12 @@ def train(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, cf
     data = {name: encode_split(frame, encoder, tables) for name, frame in split.frames().items()}
     if len(data["train"]) == 0 or len(data["valid"]) == 0:
         raise UserFacingError("training needs non-empty train and validation splits")
+    metric = early_stopping_metric(data["valid"])
+    sign = 1.0 if metric == "auc" else -1.0  # higher is better after the sign
     optim = make_optimizer(model, cfg)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     gen = torch.Generator().manual_seed(cfg.seed)
-    best_auc, best_state, best_epoch, bad = -1.0, None, 0, 0
+    best_score, best_state, best_epoch, bad = -math.inf, None, 0, 0
     history: list[dict] = []
     train_data = data["train"]
     n = len(train_data)
@@ -303,18 +400,14 @@ def train(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, cf
         )
         for start in range(0, n, cfg.batch_size):
             idx = perm[start : start + cfg.batch_size]
-            kn = batch_knowledge(tables, train_data, idx)
-            logits = model(train_data.rows("fields", idx), train_data.rows("scenario", idx), kn, _reduced(tables))
-            loss = loss_fn(logits, train_data.rows("label", idx))
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            total += float(loss.detach()) * len(idx)
+            total += float(train_step(model, optim, loss_fn, tables, train_data, idx)) * len(idx)
             bar.update(len(idx))
         bar.close()
         train_seconds = time.perf_counter() - t0
         valid_probs = predict(model, tables, data["valid"], cfg.eval_batch_size)
-        valid = summarize(data["valid"].frame, valid_probs)["overall"]
+        valid = summarize(data["valid"].frame, valid_probs, top_k=())[
+            "overall"
+        ]  # early stopping needs AUC/logloss only
         row = {
             "epoch": epoch,
             "train_loss": total / n,
@@ -333,14 +426,27 @@ def train(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, cf
             train_seconds,
             row["samples_per_s"],
         )
-        if valid["auc"] > best_auc + 1e-5:
-            best_auc, best_epoch, bad = valid["auc"], epoch, 0
+        score = sign * valid[metric]
+        if not math.isnan(score) and score > best_score + 1e-5:
+            best_score, best_epoch, bad = score, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
         else:
             bad += 1
             if bad > cfg.patience:
-                log.info("early stopping after epoch %d (best epoch %d, valid AUC %.4f)", epoch, best_epoch, best_auc)
+                if best_state is not None:
+                    log.info(
+                        "early stopping after epoch %d (best epoch %d, valid %s %.4f)",
+                        epoch,
+                        best_epoch,
+                        METRIC_NAMES[metric],
+                        sign * best_score,
+                    )
                 break
+    if best_state is None:
+        raise UserFacingError(
+            f"validation {METRIC_NAMES[metric]} was NaN in all {len(history)} epoch(s) trained: the model's scores "
+            "are not finite (training diverged); try a lower --lr"
+        )
     model.load_state_dict(best_state)
     model.eval()
     metrics = {
@@ -357,4 +463,6 @@ def train(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, cf
         knowledge=snapshot,
         seconds=time.perf_counter() - started,
         best_epoch=best_epoch,
+        early_stopping=metric,
+        runtime=runtime_info(),
     )

@@ -3,6 +3,11 @@
 A backbone maps the concatenated input embeddings x [B, D] and the scenario index [B] to one CTR logit per row.
 Every operation is row-wise in eval mode (normalization uses running statistics), so a row's score never depends
 on what else is in the batch: the ranker's 500-candidate request and the evaluator's 4096-row batch agree.
+
+Per-row parameters are gathered with index_select, gather or an embedding, never with advanced indexing
+(param[scenario]): on CPU the latter's backward adds into the shared rows with atomic floats across threads, so
+training at 2+ threads would not be reproducible (the trainer's deterministic mode serializes it as a guard, but
+the models should not depend on it).
 """
 
 from __future__ import annotations

@@ -72,9 +72,10 @@ class PartitionedNorm(nn.Module):
                 scale = torch.rsqrt(self.running_var[one] + self.eps) * (self.gamma * self.gamma_s[one])
                 shift = self.beta + self.beta_s[one] - self.running_mean[one] * scale
                 return torch.addcmul(shift, x, scale)
-            mean, var = self.running_mean[scenario], self.running_var[scenario]
+            mean, var = self.running_mean.index_select(0, scenario), self.running_var.index_select(0, scenario)
         normed = (x - mean) * torch.rsqrt(var + self.eps)
-        return normed * (self.gamma * self.gamma_s[scenario]) + self.beta + self.beta_s[scenario]
+        gamma_s, beta_s = self.gamma_s.index_select(0, scenario), self.beta_s.index_select(0, scenario)
+        return normed * (self.gamma * gamma_s) + self.beta + beta_s
 
 
 class StarLinear(nn.Module):
@@ -96,7 +97,7 @@ class StarLinear(nn.Module):
         weights = (self.w_shared * self.w_s).permute(1, 0, 2).reshape(i, s * o)  # all scenarios side by side
         out = (x @ weights).view(-1, s, o)
         out = out.gather(1, scenario.view(-1, 1, 1).expand(-1, 1, o)).squeeze(1)
-        return out + self.b_shared + self.b_s[scenario]
+        return out + self.b_shared + self.b_s.index_select(0, scenario)
 
 
 class STAR(Backbone):
