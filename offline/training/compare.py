@@ -283,7 +283,7 @@ def write_report(out: Path, snapshot, runs: list[dict], top_k: list[int], left_o
         f"mode {snapshot.space.mode}, pooling {snapshot.space.pooling}, dim {snapshot.space.dim}). "
         "Early stopping on validation AUC; test split untouched by model selection. Mean ± std over seeds.",
         "",
-        f"Top-K metrics rank each user's test rows by score (ties keep row order), per scenario and, for overall, "
+        f"Top-K metrics rank each user's test rows by score (among tied scores negatives rank first), per scenario and, for overall, "
         f"over all the user's scenarios; Recall@{k}, NDCG@{k} and MRR@{k} are means over the users with at least one "
         f"positive and one negative: {', '.join(f'{p} {users(p)}' for p in panels)}. summary.json has K = "
         f"{', '.join(map(str, top_k))}.",
