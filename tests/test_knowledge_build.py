@@ -73,6 +73,11 @@ def test_build_writes_complete_snapshot(synth_dir, tiny_model, tmp_path):  # noq
     assert m.space.mode == "generate" and m.space.pooling == "last" and m.space.model == "model"
     assert m.computed["users"] == len(users.ids) and m.reused["users"] == 0
     assert not (result.path / "_work").exists()
+    # Tokens/s per phase beside texts/s (prompt + answer tokens when generating): the bench's efficiency ratio.
+    rates = m.extra["rates"]
+    for phase in ("users_generate", "users_embed", "scenarios_generate", "items_embed"):
+        assert rates[f"{phase}_tokens_per_s"] > rates[f"{phase}_per_s"] > 0, (phase, rates)
+    assert 0 < rates["users_generate_new_tokens_per_s"] < rates["users_generate_tokens_per_s"]
     # Different users get different vectors (the prompts differ).
     assert np.unique(users.embeddings.round(5), axis=0).shape[0] == len(users.ids)
 

@@ -29,7 +29,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from offline.knowledge import prompts as P
-from offline.knowledge.backends.base import MODES, POOLINGS, BackendConfig, over_length, resolve_dtype
+from offline.knowledge.backends.base import (
+    MODES,
+    POOLINGS,
+    Backend,
+    BackendConfig,
+    encoded_lengths,
+    input_lengths,
+    resolve_dtype,
+)
 from shared.dataset.folder import read_dataset
 from shared.dataset.split import SplitConfig, make_split
 from shared.errors import UserFacingError
@@ -138,10 +146,11 @@ class LevelWork:
 class Executor:
     """Runs backend calls over shards: in-process, or over Ray actors (ray_engine.RayExecutor)."""
 
-    def __init__(self, backend_config: BackendConfig):
+    def __init__(self, backend_config: BackendConfig, backend: Backend | None = None):
+        """backend: an engine already started (the bench times the build's path on one model); else one is made."""
         from offline.knowledge.backends import make_backend
 
-        self.backend = make_backend(backend_config)
+        self.backend = backend if backend is not None else make_backend(backend_config)
 
     def map(self, op: str, shards: list[list[str]], pooling: str, progress=None):
         """Yields (shard index, result) as shards finish; result is list[str] (generate) or ndarray (embed).
@@ -301,7 +310,7 @@ def _find_unfinished(root: Path, key: str) -> Path | None:
     return None
 
 
-def _plan(pending: list[int], lengths: list[int], shard_size: int) -> list[list[int]]:
+def plan_shards(pending: list[int], lengths: list[int], shard_size: int) -> list[list[int]]:
     """Shards of row indices in length order: deterministic, so a resumed build recomputes identical batches."""
     order = sorted(pending, key=lambda i: (lengths[i], i))
     return [order[s : s + shard_size] for s in range(0, len(order), shard_size)]
@@ -422,14 +431,20 @@ def run_build(
     truncated: dict[str, int] = {}
     tokenizer = None
 
-    def count_truncated(key: str, op: str, texts: list[str]) -> None:
-        """How many of a phase's texts the backend will cut to max_length (all pending rows, resumed or not)."""
+    def get_tokenizer():
         nonlocal tokenizer
         if tokenizer is None:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-        truncated[key] = sum(over_length(tokenizer, texts, op, config.backend))
+        return tokenizer
+
+    def model_tokens(key: str, op: str, texts: list[str]) -> list[int]:
+        """Tokens the model sees per text (after the cut to max_length); counts the texts the backend will cut (all
+        pending rows, resumed or not) into `truncated`."""
+        lengths = input_lengths(get_tokenizer(), texts, op, config.backend)
+        truncated[key] = sum(n > config.backend.max_length for n in lengths)
+        return [min(n, config.backend.max_length) for n in lengths]
 
     def get_executor() -> Executor:
         nonlocal executor
@@ -448,11 +463,12 @@ def run_build(
         """Runs one phase (gen or emb) over the pending rows; returns row index -> (response, vector)."""
         pending = work.pending()
         lengths = [len(t) for t in work.texts]
-        plan = _plan(pending, lengths, config.shard_size)
+        plan = plan_shards(pending, lengths, config.shard_size)
         op = "generate" if phase == "gen" else "embed"
         truncated[f"{work.level}_{op}"] = 0
+        tokens: dict[int, int] = {}
         if pending:
-            count_truncated(f"{work.level}_{op}", op, texts_of(pending))
+            tokens = dict(zip(pending, model_tokens(f"{work.level}_{op}", op, texts_of(pending)), strict=True))
         results: dict[int, tuple] = {}
         todo: list[int] = []
         for k, rows in enumerate(plan):
@@ -494,8 +510,16 @@ def run_build(
             if on_shard is not None:
                 on_shard(work.level, phase, k)
         bar.close()
-        done = sum(len(plan[k]) for k in todo)
-        rates[f"{work.level}_{op}_per_s"] = done / max(time.perf_counter() - start, 1e-9)
+        seconds = max(time.perf_counter() - start, 1e-9)
+        rows_done = [i for k in todo for i in plan[k]]
+        n_tokens = sum(tokens[i] for i in rows_done)
+        if op == "generate":
+            new = sum(encoded_lengths(get_tokenizer(), [results[i][0] for i in rows_done], op))
+            rates[f"{work.level}_{op}_new_tokens_per_s"] = new / seconds
+            n_tokens += new
+        rates[f"{work.level}_{op}_per_s"] = len(rows_done) / seconds
+        # Prompt (+ generated) tokens per second: comparable across levels and with a bare forward of the model.
+        rates[f"{work.level}_{op}_tokens_per_s"] = n_tokens / seconds
         return results
 
     try:

@@ -1,8 +1,10 @@
 """Every prompt text of the knowledge job, in one place (DESIGN section 5).
 
 The exact template text is hashed into the manifest (`template_sha256`): vectors built from different wording live
-in different knowledge spaces. Every prompt starts with the same scenario preamble so that an engine with prefix
-caching (vLLM) computes it once.
+in different knowledge spaces. Every scenario and user prompt starts with the same scenario preamble, so that it is
+computed once: vLLM's prefix caching and the hf backend's shared-prefix reuse find it. The preamble ends with a
+newline and every part after it starts with one; the tokens of the whole prompt therefore start with the preamble's
+own tokens, also inside the chat template (checked for SmolLM2 and the test model in tests/test_knowledge_prefix.py).
 
 User prompts see only `Split.train_positives()`: anything later would leak validation/test labels into knowledge.
 """

@@ -39,7 +39,14 @@ class BackendConfig:
     # the knowledge space.
     dtype: str = "auto"
     device: str = "cpu"
+    # Texts per batch when batch_tokens is 0 (fixed-count batches).
     batch_size: int = 16
+    # hf: most padded tokens per batch (texts x longest, + max_new_tokens when generating), texts in length order:
+    # short item texts go in large batches, long prompts in small ones. 0 = batches of batch_size texts.
+    batch_tokens: int = 8192
+    # hf: a token prefix shared by several texts of a call (the scenario preamble, the chat template's system turn)
+    # runs once and its KV cache serves them all; the vectors equal the full forward's (tests/test_knowledge_prefix.py).
+    prefix_reuse: bool = True
     max_new_tokens: int = 96
     # Longest text embedded or prompted, in tokens; longer ones are cut (counted and warned about by the build).
     # Part of the knowledge space: it changes the vectors of the texts it cuts.
@@ -54,6 +61,14 @@ class BackendConfig:
     # vllm only: run the model eagerly (no torch.compile, no CUDA graphs). None = eager on CPU, where compiling
     # costs ~70 s of engine start for ~16% throughput, and graphs on a GPU, where they speed up decoding.
     vllm_eager: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_tokens < 0:
+            raise UserFacingError(
+                f"--batch-tokens must be 0 (fixed batches of --batch-size texts) or positive, got {self.batch_tokens}"
+            )
+        if self.batch_size < 1:
+            raise UserFacingError(f"--batch-size must be positive, got {self.batch_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -229,10 +244,14 @@ def cut_token_ids(tokenizer, inputs: Sequence[str], op: str, max_length: int) ->
     return [list(ids) for ids in enc["input_ids"]]
 
 
+def input_lengths(tokenizer, texts: Sequence[str], op: str, config: BackendConfig) -> list[int]:
+    """Untruncated token counts of what a backend feeds the model for `op` (chat template included)."""
+    return encoded_lengths(tokenizer, model_texts(tokenizer, texts, op, config.chat_template), op)
+
+
 def over_length(tokenizer, texts: Sequence[str], op: str, config: BackendConfig) -> list[bool]:
     """Which texts a backend cuts to config.max_length tokens for `op` (the build counts and reports them)."""
-    inputs = model_texts(tokenizer, texts, op, config.chat_template)
-    return [n > config.max_length for n in encoded_lengths(tokenizer, inputs, op)]
+    return [n > config.max_length for n in input_lengths(tokenizer, texts, op, config)]
 
 
 class Backend(ABC):
