@@ -1,16 +1,21 @@
 """Knowledge-job benchmark: per phase (scenarios, users, items; encode and generate) the build's tokens/s next to a
-bare forward of the same model and dtype over the same texts (the efficiency ratio), hf vs vllm in the same run,
-shared-prefix reuse on/off and token-budget vs fixed-count batches side by side, and the cost of an incremental
+bare forward of the same model and dtype over the same token ids (the efficiency ratio), hf vs vllm in the same
+run, shared-prefix reuse on/off and token-budget vs fixed-count batches side by side, and the cost of an incremental
 refresh (1% of users changed) against a full build.
 
 Every phase runs the build's own path (its length-ordered shards through the executor and backend); engine start-up
 is reported apart from throughput. The header names the CPU, its bf16 capability and the dtype `--dtype` chose.
-Comparisons alternate their two settings round by round (fair under background load) and report medians.
+Generate phases count prompt + answer tokens, and their bare forward runs those tokens in one pass, so their
+efficiency shows the cost of decoding token by token. Comparisons alternate their two settings round by round (fair
+under background load) and report medians of wall-clock seconds and of process CPU seconds.
 
   python bench/knowledge_bench.py                      # synthetic data, embedded SmolLM2, hf (+ vllm if present)
-  python bench/knowledge_bench.py --backends hf --users 8 --items 128 --gen-users 4 --no-incremental
-  python bench/knowledge_bench.py --backends hf --compare-prefix --compare-batching --rounds 3 --no-phases \\
-      --no-incremental
+  python bench/knowledge_bench.py --backends hf --users 6 --items 128 --gen-users 2 --max-new-tokens 32 \\
+      --no-incremental                                 # the phase table only (a few minutes on 2 cores)
+  python bench/knowledge_bench.py --backends hf --no-phases --no-incremental --compare-prefix --users 6 \\
+      --gen-users 3 --max-new-tokens 32 --rounds 4     # prefix reuse on vs off, encode and generate
+  python bench/knowledge_bench.py --backends hf --no-phases --no-incremental --compare-batching --users 2 \\
+      --items 180 --gen-users 0 --rounds 3             # batches of --batch-tokens tokens vs --batch-size texts
   python bench/knowledge_bench.py --data /path/to/dataset --users 512 --json /tmp/kn_bench.json
   python bench/knowledge_bench.py --device cuda --model /models/Qwen2.5-1.5B-Instruct --users 4096 --gen-users 1024
 """
@@ -227,9 +232,14 @@ def _bench_backend(name: str, args, texts: dict[str, list[str]], tokens: Tokens,
             prompts = {"scenarios": texts["scenarios"], "users": texts["users"][: args.gen_users]}
             answers = {level: phase(level, "generate", "generate", prompts[level]) for level in prompts}
             backend.end_generation()
+            answered = {
+                level: [p + " " + a for p, a in zip(prompts[level], answers[level], strict=True)] for level in prompts
+            }
+            t = time.perf_counter()
+            backend.embed(answered["users"][:2], args.pooling)  # the embedding engine again (vllm) + warm-up
+            row["embed_after_generate_start_s"] = time.perf_counter() - t
             for level in prompts:
-                answered = [p + " " + a for p, a in zip(prompts[level], answers[level], strict=True)]
-                phase(level, "embed answered", "embed", answered)
+                phase(level, "embed answered", "embed", answered[level])
             row["answer_chars_mean"] = sum(map(len, answers["users"])) / len(answers["users"])
     finally:
         backend.close()
@@ -441,7 +451,13 @@ def _print_report(args, rows, prefix_rows, batching_rows, incremental, texts) ->
         f"{len(texts['items'])} items"
     )
     for r in rows:
-        print(f"\n{r['backend']}: load {r['load_s']:.1f} s, first embed {r['embed_start_s']:.1f} s")
+        starts = f"load {r['load_s']:.1f} s, first embed {r['embed_start_s']:.1f} s"
+        if "generate_start_s" in r:
+            starts += (
+                f", first generate {r['generate_start_s']:.1f} s, first embed after generating "
+                f"{r['embed_after_generate_start_s']:.1f} s"
+            )
+        print(f"\n{r['backend']} (engine start apart from the rates below): {starts}")
         cols = [
             ("phase", "phase", "{}"),
             ("op", "op", "{}"),

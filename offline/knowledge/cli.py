@@ -31,7 +31,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "else float32 (CPU) / float16 (GPU)",
     )
     b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (vllm: cpu or any GPU device)")
-    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--batch-size", type=int, default=16, help="texts per batch when --batch-tokens is 0")
+    b.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=8192,
+        help="hf: most padded tokens per batch (texts x longest, + --max-new-tokens when generating; padding kept "
+        "under 10%%): short texts go in large batches, long prompts in small ones; 0 = fixed batches of --batch-size",
+    )
+    b.add_argument(
+        "--no-prefix-reuse",
+        action="store_true",
+        help="hf: run every prompt in full instead of reusing the KV cache of the prefix the prompts share",
+    )
     b.add_argument("--max-new-tokens", type=int, default=96)
     b.add_argument(
         "--threads", type=int, default=0, help="torch/CPU threads (0 = OMP_NUM_THREADS, else the usable cores)"
@@ -90,6 +102,8 @@ def config_from_args(args: argparse.Namespace):
         max_new_tokens=args.max_new_tokens,
         threads=args.threads,
         max_length=args.max_length,
+        batch_tokens=args.batch_tokens,
+        prefix_reuse=not args.no_prefix_reuse,
         chat_template=not args.no_chat_template,
         vllm_python=args.vllm_python,
         vllm_eager=args.vllm_eager,
