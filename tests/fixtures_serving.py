@@ -215,6 +215,16 @@ def build_world(
     return ServingWorld(data_dir, split, kn_root, artifacts, train_users, items, scen)
 
 
+def wait_until(cond, timeout: float = 5.0, interval: float = 0.05) -> bool:
+    """Polls `cond` until it is true (True) or `timeout` seconds pass (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(interval)
+    return False
+
+
 def rank_body(user_id: str, scenario: str, items: Sequence[str], top_k: int | None = None) -> dict:
     body = {"user_id": user_id, "scenario": scenario, "candidates": [{"item_id": i} for i in items]}
     if top_k is not None:

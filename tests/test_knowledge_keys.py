@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from online.knowledge import CORRUPT, UNKNOWN, RedisKnowledgeStore
 from shared.errors import UserFacingError
 from shared.knowledge import keys as K
 from shared.knowledge.snapshot import KnowledgeSnapshot
-from tests.fixtures_serving import make_space, publish, write_snapshot
+from tests.fixtures_serving import make_space, publish, wait_until, write_snapshot
 
 SCEN = ["books", "home"]
 USERS = [f"u{i}" for i in range(20)]
@@ -72,13 +71,7 @@ def kn_root(tmp_path):
     return root
 
 
-def wait_for(cond, timeout: float = 5.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
+wait_for = wait_until
 
 
 def test_bad_current_pointer_is_refused_and_logged(kn_root, redis_server, caplog):

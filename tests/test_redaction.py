@@ -4,8 +4,8 @@ a dead port (failing); their stdout, stderr, logs, /readyz bodies and every file
 
 from __future__ import annotations
 
+import functools
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -16,7 +16,7 @@ from shared.knowledge import keys as K
 from shared.redact import redact_text, redact_url
 from tests.conftest import RedisServer, free_port
 from tests.fixtures_deploy import REPO, llm4msr_cmd, llm4msr_env
-from tests.fixtures_serving import make_space, start_server, write_snapshot
+from tests.fixtures_serving import make_space, start_server, wait_until, write_snapshot
 
 SECRET = "s3cret"
 
@@ -139,13 +139,7 @@ def readyz(url: str) -> tuple[int, str]:
     return r.status_code, r.text
 
 
-def wait_for(cond, timeout: float = 20.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return False
+wait_for = functools.partial(wait_until, timeout=20.0, interval=0.1)
 
 
 def test_serve(refreshed, secured, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from online.knowledge import REDIS_UNAVAILABLE, UNKNOWN, RedisKnowledgeStore, SnapshotKnowledgeStore
 from shared.errors import UserFacingError
 from shared.knowledge.snapshot import KnowledgeSnapshot
-from tests.fixtures_serving import make_space, publish, write_snapshot
+from tests.fixtures_serving import make_space, publish, wait_until, write_snapshot
 
 SCEN = ["books", "home"]
 USERS = [f"u{i}" for i in range(20)]
@@ -24,13 +24,7 @@ def kn_root(tmp_path):
     return root
 
 
-def wait_for(cond, timeout=5.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
+wait_for = wait_until
 
 
 def test_snapshot_store_lookup_and_fallbacks(kn_root):

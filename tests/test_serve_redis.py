@@ -3,6 +3,7 @@ steady stream of requests, and refusal of knowledge from another space."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import threading
@@ -12,6 +13,7 @@ import httpx
 import pytest
 
 from tests.fixtures_serving import REPO, build_world, make_space, publish, rank_body, start_server, write_snapshot
+from tests.fixtures_serving import wait_until as poll_until
 
 # Rankers refuse admin tokens shorter than 32 characters.
 ADMIN_TOKEN = "redis-tests-admin-token-0123456789abcdef"
@@ -55,13 +57,7 @@ class Stream:
         self._thread.join(timeout=10)
 
 
-def wait_until(cond, timeout: float = 10.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
+wait_until = functools.partial(poll_until, timeout=10.0)
 
 
 def test_version_flip_during_stream(world, redis_server, tmp_path):
