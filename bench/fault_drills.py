@@ -26,7 +26,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,65 +40,19 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from tests.conftest import RedisServer  # noqa: E402  (after the path set-up above)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Real processes: Redis (restartable from its own RDB file) and the load
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class DurableRedis:
-    """redis-server on a loopback port; `crash()` saves, then kills it (-9); `start()` again reloads the RDB file,
-    as a restarted production Redis reloads its AOF/RDB."""
-
-    def __init__(self, workdir: Path):
-        self.port = _free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self):
-        import redis
-
-        return redis.Redis.from_url(self.url)
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-            + ["--dir", str(self.workdir), "--dbfilename", "drill.rdb"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                if self.client().ping():
-                    return
-            except Exception:  # not accepting connections yet
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+class DurableRedis(RedisServer):
+    """The suite's real redis-server (in `workdir`, where it keeps its RDB file); `crash()` saves, then kills it
+    (-9), and `start()` again reloads the file, as a restarted production Redis reloads its AOF/RDB."""
 
     def crash(self) -> None:
         self.client().save()
-        self.proc.kill()
-        self.proc.wait()
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
+        self.stop()
 
 
 @dataclass
