@@ -22,9 +22,9 @@ DATASETS = {"ml-latest-small": "movielens", "amazon-arts-office": "folder"}
 def run_once(path: str, kind: str) -> dict:
     """Child process: import, split with labels and negatives; report seconds and peak RSS."""
     sys.path.insert(0, str(REPO))
+    from offline.data.importers.movielens import import_movielens
+    from offline.data.split import make_split
     from shared.dataset.folder import read_dataset
-    from shared.dataset.importers.movielens import import_movielens
-    from shared.dataset.split import make_split
 
     start = time.perf_counter()
     dataset = import_movielens(path) if kind == "movielens" else read_dataset(path)

@@ -290,8 +290,8 @@ def drill_corrupt_publish(world, redis: DurableRedis, port: int, settle_s: float
 
 
 def drill_kill_build(work: Path, users: int, max_new_tokens: int) -> dict:
+    from offline.data.synth import SynthConfig, generate
     from shared.dataset.folder import write_dataset
-    from shared.dataset.synth import SynthConfig, generate
     from shared.knowledge.snapshot import MANIFEST, KnowledgeSnapshot
     from tests.fixtures_llm import build_tiny_model, corpus_for
 

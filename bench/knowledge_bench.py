@@ -47,8 +47,8 @@ SHARD_SIZE = 256  # the build's default rows per shard
 def _dataset(args, tmp: Path) -> Path:
     if args.data:
         return Path(args.data)
+    from offline.data.synth import SynthConfig, generate
     from shared.dataset.folder import write_dataset
-    from shared.dataset.synth import SynthConfig, generate
 
     out = tmp / "synth"
     cfg = SynthConfig(users=args.synth_users, items_per_scenario=args.synth_items, seed=11)
@@ -58,10 +58,10 @@ def _dataset(args, tmp: Path) -> Path:
 
 def _texts(data: Path, args) -> dict[str, list[str]]:
     """The build's texts per level: every scenario prompt, the first --users user prompts, the first --items items."""
+    from offline.data.split import make_split
     from offline.knowledge import prompts as P
     from offline.knowledge.build import load_token_counter
     from shared.dataset.folder import read_dataset
-    from shared.dataset.split import make_split
 
     ds = read_dataset(data)
     split = make_split(ds)

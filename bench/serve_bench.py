@@ -262,9 +262,9 @@ def request_time_llm(
     """Answers /rank-equivalent requests by running SmolLM2 on the user's history prompt at request time."""
     import torch
 
+    from offline.data.split import make_split
     from shared.artifact import load_artifact
     from shared.dataset.folder import read_dataset
-    from shared.dataset.split import make_split
     from shared.knowledge.snapshot import KnowledgeSnapshot
     from shared.scoring import RequestKnowledge, RequestScorer
 

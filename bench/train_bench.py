@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from offline.data.split import SplitConfig, make_split  # noqa: E402
 from offline.training.trainer import (  # noqa: E402
     KnowledgeTables,
     TrainConfig,
@@ -38,7 +39,6 @@ from offline.training.trainer import (  # noqa: E402
     train_step,
 )
 from shared.artifact import Artifact, ArtifactConfig  # noqa: E402
-from shared.dataset.split import SplitConfig, make_split  # noqa: E402
 from shared.knowledge.snapshot import (  # noqa: E402
     DEFAULT_USER_ID,
     KnowledgeSnapshot,
@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from offline.data.synth import SynthConfig, generate
     from shared.dataset.folder import read_dataset
-    from shared.dataset.synth import SynthConfig, generate
 
     if args.data:
         dataset = read_dataset(args.data)

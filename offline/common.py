@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from offline.data.split import Split, SplitConfig, make_split
 from shared.dataset.folder import Dataset, read_dataset
-from shared.dataset.split import Split, SplitConfig, make_split
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import load_file, save_file
 
-from shared.dataset.folder import replace_dir_atomically
+from shared.atomic import replace_dir_atomically
 from shared.errors import UserFacingError
 from shared.models.ctr import CTRModel, ModelConfig
 from shared.models.features import FeatureEncoder

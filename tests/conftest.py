@@ -98,8 +98,8 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """A small synthetic dataset folder (read-only for tests: copy it before changing anything)."""
+    from offline.data.synth import SynthConfig, generate
     from shared.dataset.folder import write_dataset
-    from shared.dataset.synth import SynthConfig, generate
 
     out = tmp_path_factory.mktemp("synth") / "data"
     write_dataset(generate(SynthConfig(users=60, items_per_scenario=40, main_impressions=20, side_impressions=5)), out)

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from offline.data.split import Split, SplitConfig, make_split
 from shared.dataset.folder import SEQ, Dataset
-from shared.dataset.split import Split, SplitConfig, make_split
 from shared.knowledge.snapshot import (
     DEFAULT_USER_ID,
     KnowledgeSpace,

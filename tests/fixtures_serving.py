@@ -176,9 +176,9 @@ def build_world(
     an extra categorical interaction column (values FEATURE_VALUES, seeded), which the models then read from
     candidates.
     """
+    from offline.data.split import make_split
+    from offline.data.synth import SynthConfig, generate
     from shared.dataset.folder import read_dataset, write_dataset
-    from shared.dataset.split import make_split
-    from shared.dataset.synth import SynthConfig, generate
     from tests.fixtures_models import train_tiny_artifact
 
     root = Path(root)

@@ -9,6 +9,8 @@ import pytest
 import torch
 from fixtures_models import latent_snapshot, latent_task, tiny_train_config, write_snapshot
 
+from offline.data.split import SplitConfig, make_split
+from offline.training.metrics import summarize
 from offline.training.trainer import train
 from shared.artifact import (
     KEY_ENV,
@@ -19,10 +21,8 @@ from shared.artifact import (
     read_artifact_config,
     save_artifact,
 )
-from shared.dataset.split import SplitConfig, make_split
 from shared.errors import UserFacingError
 from shared.knowledge.snapshot import KnowledgeSnapshot
-from shared.metrics import summarize
 from shared.scoring import RequestKnowledge, RequestScorer, SnapshotLookup
 
 

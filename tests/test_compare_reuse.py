@@ -12,8 +12,8 @@ import pytest
 from fixtures_models import train_tiny_artifact, write_planted_snapshot
 
 import llm4msr_cli
+from offline.data.split import SplitConfig, make_split
 from shared.dataset.folder import read_dataset
-from shared.dataset.split import SplitConfig, make_split
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from fixtures_models import train_tiny_artifact, write_planted_snapshot
 
 import llm4msr_cli
+from offline.data.split import SplitConfig, make_split
 from offline.training.trainer import deterministic_ops
 from shared.artifact import load_artifact
 from shared.dataset.folder import read_dataset
-from shared.dataset.split import SplitConfig, make_split
 from shared.models.ctr import CTRModel, ModelConfig
 from shared.models.llm4msr import LLM4MSRConfig
 

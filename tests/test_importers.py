@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from offline.data.importers.amazon import import_amazon, scenario_name_from_file
+from offline.data.importers.kuaisar import import_kuaisar
+from offline.data.importers.movielens import GenreGroup, import_movielens
+from offline.data.split import make_split
 from shared.dataset.folder import read_dataset, write_dataset
-from shared.dataset.importers.amazon import import_amazon, scenario_name_from_file
-from shared.dataset.importers.kuaisar import import_kuaisar
-from shared.dataset.importers.movielens import GenreGroup, import_movielens
-from shared.dataset.split import make_split
 from shared.errors import DatasetError, UserFacingError
 
 

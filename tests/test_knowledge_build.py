@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def synth200(tmp_path_factory) -> Path:
+    from offline.data.synth import SynthConfig, generate
     from shared.dataset.folder import write_dataset
-    from shared.dataset.synth import SynthConfig, generate
 
     out = tmp_path_factory.mktemp("synth200") / "data"
     write_dataset(generate(SynthConfig(users=200, items_per_scenario=40, main_impressions=12, side_impressions=4)), out)
@@ -325,8 +325,8 @@ def test_ray_engine_matches_local(synth_dir, tiny_model, tmp_path):  # noqa: F81
 
 def test_cli_build_and_show_with_smollm2(tmp_path):
     """The embedded default model end to end (a few users, so that it stays quick)."""
+    from offline.data.synth import SynthConfig, generate
     from shared.dataset.folder import write_dataset
-    from shared.dataset.synth import SynthConfig, generate
 
     data = tmp_path / "data"
     write_dataset(generate(SynthConfig(users=8, items_per_scenario=6, main_impressions=6, side_impressions=2)), data)

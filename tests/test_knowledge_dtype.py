@@ -139,10 +139,10 @@ def test_threads_default_to_the_cores_this_process_may_use(tiny_model, tmp_path)
 def test_bf16_and_fp32_smollm2_vectors_agree():
     """Snapshots built on machines that chose different dtypes share a knowledge space only if their vectors agree:
     cosine >= 0.999 for the embedded SmolLM2 on real prompts (user prompts, scenario prompts, item texts)."""
+    from offline.data.split import make_split
+    from offline.data.synth import SynthConfig, generate
     from offline.knowledge import prompts as P
     from offline.knowledge.backends import BackendConfig, make_backend
-    from shared.dataset.split import make_split
-    from shared.dataset.synth import SynthConfig, generate
 
     ds = generate(SynthConfig(users=6, items_per_scenario=4, main_impressions=8, side_impressions=3))
     users = list(P.user_prompts(ds, make_split(ds)).values())[:2]

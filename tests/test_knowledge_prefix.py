@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from fixtures_llm import tiny_model  # noqa: F401  (fixture)
 
+from offline.data.split import make_split
 from offline.knowledge import prompts as P
 from offline.knowledge.backends import BackendConfig, make_backend
 from offline.knowledge.backends.base import cut_token_ids, model_texts
 from offline.knowledge.backends.hf import MIN_PREFIX_TOKENS, plan_batches, shared_prefix_groups
 from shared.dataset.folder import read_dataset
-from shared.dataset.split import make_split
 from shared.errors import UserFacingError
 
 # ----------------------------------------------------------------------------------------------- helpers

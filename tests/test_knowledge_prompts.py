@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from offline.data.split import SplitConfig, make_split
 from offline.knowledge import prompts as P
 from shared.dataset.folder import Dataset, read_dataset
-from shared.dataset.split import SplitConfig, make_split
 
 
 def _dataset(rows: list[tuple[str, str, str]], titles: dict[str, str]) -> Dataset:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from fixtures_llm import tiny_model  # noqa: F401  (fixture)
 
+from offline.data.split import make_split
 from offline.knowledge import prompts as P
 from offline.knowledge import tokens
 from shared.dataset.folder import read_dataset
-from shared.dataset.split import make_split
 
 REPO = Path(__file__).resolve().parents[1]
 

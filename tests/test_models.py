@@ -7,11 +7,11 @@ import pytest
 import torch
 from fixtures_models import latent_snapshot, latent_task, tiny_train_config
 
+from offline.data.split import SplitConfig, make_split
+from offline.training.metrics import auc, gauc, logloss
 from offline.training.trainer import train
-from shared.dataset.split import SplitConfig, make_split
 from shared.errors import UserFacingError
 from shared.knowledge.snapshot import KnowledgeSnapshot
-from shared.metrics import auc, gauc, logloss
 from shared.models.backbones import BACKBONES, build_backbone
 from shared.models.ctr import CTRModel, ModelConfig
 from shared.models.llm4msr import LLM4MSRConfig

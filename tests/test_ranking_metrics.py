@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared.metrics import DEFAULT_TOP_K, ranking_metrics, summarize
+from offline.training.metrics import DEFAULT_TOP_K, ranking_metrics, summarize
 
 L3 = 1 / np.log2(3)  # the discount of rank 2
 

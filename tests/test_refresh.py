@@ -28,8 +28,8 @@ from tests.fixtures_serving import make_space, start_server, write_snapshot
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
+    from offline.data.synth import SynthConfig, generate
     from shared.dataset.folder import write_dataset
-    from shared.dataset.synth import SynthConfig, generate
 
     out = tmp_path_factory.mktemp("refresh") / "data"
     cfg = SynthConfig(users=30, scenarios=2, items_per_scenario=15, main_impressions=10, side_impressions=3)
@@ -53,9 +53,9 @@ def fake_build(version: str, space):
     """Stands in for the LLM: writes a real snapshot (seeded vectors) on the config's real split."""
 
     def build(kcfg):
+        from offline.data.split import make_split
         from offline.knowledge.build import BuildResult
         from shared.dataset.folder import read_dataset
-        from shared.dataset.split import make_split
         from shared.knowledge.snapshot import KnowledgeSnapshot
 
         dataset = read_dataset(kcfg.data)
@@ -274,8 +274,8 @@ def _refresh(data: Path, tmp: Path, redis_url: str, report: Path) -> tuple[int, 
 @pytest.mark.slow
 def test_refresh_end_to_end_ranker_follows_new_version(tmp_path, redis_server):
     """Embedded SmolLM2, real Redis, real ranker: the second (incremental) run is served without a restart."""
+    from offline.data.synth import SynthConfig, generate
     from shared.dataset.folder import write_dataset
-    from shared.dataset.synth import SynthConfig, generate
 
     data = tmp_path / "data"
     cfg = SynthConfig(users=12, scenarios=2, items_per_scenario=8, main_impressions=8, side_impressions=3)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from offline.data.importers.movielens import import_movielens
+from offline.data.split import make_split
 from shared.dataset.folder import read_dataset
-from shared.dataset.importers.movielens import import_movielens
-from shared.dataset.split import make_split
 
 
 def test_ml_latest_small(shared_data):

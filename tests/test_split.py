@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from offline.data.split import SplitConfig, make_split
+from offline.data.synth import SynthConfig, generate
 from shared.dataset.folder import SEQ, Dataset, read_dataset
-from shared.dataset.split import SplitConfig, make_split
-from shared.dataset.synth import SynthConfig, generate
 from shared.dataset.vocab import OOV_INDEX, Vocabulary
 from shared.errors import UserFacingError
 

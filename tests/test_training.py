@@ -11,10 +11,10 @@ import pytest
 from fixtures_models import tiny_train_config, train_tiny_artifact, write_planted_snapshot, write_snapshot
 
 import llm4msr_cli
+from offline.data.split import SplitConfig, make_split
 from offline.training.trainer import train
 from shared.artifact import load_artifact
 from shared.dataset.folder import read_dataset
-from shared.dataset.split import SplitConfig, make_split
 from shared.errors import UserFacingError
 from shared.knowledge.snapshot import KnowledgeSnapshot
 

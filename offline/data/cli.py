@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = dsub.add_parser("synth", help="write the synthetic multi-scenario dataset (the embedded default)")
     p.add_argument("--out", required=True, help="dataset folder to write")
-    from shared.dataset.synth import SynthConfig
+    from offline.data.synth import SynthConfig
 
     d = SynthConfig()
     p.add_argument("--users", type=int, default=d.users)
@@ -72,8 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    from offline.data.synth import SynthConfig, generate
     from shared.dataset.folder import write_dataset
-    from shared.dataset.synth import SynthConfig, generate
 
     config = SynthConfig(
         users=args.users,
@@ -97,17 +97,17 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     if args.source == "movielens":
-        from shared.dataset.importers.movielens import DEFAULT_GENRE_GROUPS, import_movielens, load_genre_groups
+        from offline.data.importers.movielens import DEFAULT_GENRE_GROUPS, import_movielens, load_genre_groups
 
         groups = load_genre_groups(args.genre_groups) if args.genre_groups else DEFAULT_GENRE_GROUPS
         dataset = import_movielens(args.path, groups)
     elif args.source == "amazon":
-        from shared.dataset.importers.amazon import import_amazon
+        from offline.data.importers.amazon import import_amazon
 
         names = args.scenario_names.split(",") if args.scenario_names else None
         dataset = import_amazon(args.reviews, args.meta, names, args.implicit, args.min_user_interactions)
     elif args.source == "kuaisar":
-        from shared.dataset.importers.kuaisar import import_kuaisar
+        from offline.data.importers.kuaisar import import_kuaisar
 
         dataset = import_kuaisar(args.path)
     else:
@@ -134,8 +134,8 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from offline.data.stats import dataset_stats, format_stats
     from shared.dataset.folder import read_dataset
-    from shared.dataset.stats import dataset_stats, format_stats
 
     stats = dataset_stats(read_dataset(args.data))
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))

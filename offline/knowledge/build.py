@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from offline.data.split import SplitConfig, make_split
 from offline.knowledge import prompts as P
 from offline.knowledge.backends.base import (
     MODES,
@@ -39,7 +40,6 @@ from offline.knowledge.backends.base import (
     resolve_dtype,
 )
 from shared.dataset.folder import read_dataset
-from shared.dataset.split import SplitConfig, make_split
 from shared.errors import UserFacingError
 from shared.knowledge.snapshot import (
     DEFAULT_USER_ID,

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from offline.data.split import Split
 from shared.dataset.folder import Dataset
-from shared.dataset.split import Split
 
 PREAMBLE = (
     "You are an expert in multi-scenario recommendation. A platform serves the same users in several scenarios:\n"

@@ -52,7 +52,7 @@ def _top_k(text: str) -> list[int]:
 
 
 def add_top_k_arg(p: argparse.ArgumentParser) -> None:
-    from shared.metrics import DEFAULT_TOP_K
+    from offline.training.metrics import DEFAULT_TOP_K
 
     p.add_argument(
         "--top-k",
@@ -200,11 +200,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from offline.common import load_split
+    from offline.data.split import SplitConfig
+    from offline.training.metrics import summarize
     from offline.training.trainer import check_snapshot_split
     from shared.artifact import check_knowledge_space, load_artifact
-    from shared.dataset.split import SplitConfig
     from shared.knowledge.snapshot import KnowledgeSnapshot
-    from shared.metrics import summarize
     from shared.scoring import RequestScorer, SnapshotLookup
 
     artifact = load_artifact(args.artifact)

@@ -102,8 +102,8 @@ def _run_config(args: argparse.Namespace, make_config, backbone: str, variant: s
 
 def evaluate_run(result, split, snapshot, top_k: list[int]) -> dict:
     """Valid and test metrics of a trained run through the serving/evaluate scoring path, with the top-K list."""
+    from offline.training.metrics import summarize
     from shared.artifact import in_memory_artifact
-    from shared.metrics import summarize
     from shared.scoring import RequestScorer, SnapshotLookup
 
     scorer = RequestScorer(in_memory_artifact(result.model, result.encoder, result.artifact_fields(split)))

@@ -30,11 +30,11 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from offline.data.split import Split
+from offline.training.metrics import summarize
 from shared.dataset.folder import Dataset
-from shared.dataset.split import Split
 from shared.errors import UserFacingError
 from shared.knowledge.snapshot import KnowledgeSnapshot
-from shared.metrics import summarize
 from shared.models.backbones import backbone_class
 from shared.models.ctr import CTRModel, ModelConfig
 from shared.models.features import FeatureEncoder

@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from shared.atomic import replace_dir_atomically
 from shared.errors import DatasetError, UserFacingError
 
 SCENARIOS_FILE = "scenarios.csv"
@@ -329,32 +328,6 @@ def _format_interactions(frame: pd.DataFrame) -> pd.DataFrame:
         ts = out["timestamp"]
         if np.all(np.mod(ts.to_numpy(dtype=float), 1) == 0):
             out["timestamp"] = ts.astype("int64")
-    return out
-
-
-def replace_dir_atomically(build, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Runs build(tmp_dir) into a sibling temp folder, then moves it into place.
-
-    A failure inside build leaves out_dir untouched; with overwrite the old folder is only removed once the new
-    one is complete.
-    """
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserFacingError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        build(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shared.dataset.folder import SEQ, Dataset, replace_dir_atomically
+from shared.atomic import replace_dir_atomically
+from shared.dataset.folder import SEQ, Dataset
 from shared.errors import UserFacingError
 
 SPLITS = ("train", "valid", "test")
