@@ -229,7 +229,7 @@ def verify_versions(world, answers: list[Answer], published: dict[str, Path], sa
         ids = list(got)
         expected = {}
         for v, snap in snaps.items():
-            users, items, scen = snap.table("users"), snap.table("items"), snap.table("scenarios")
+            users, items, scen = snap.table("user"), snap.table("item"), snap.table("scenario")
             user_vec, found = users.lookup([a.request["user_id"]], default=snap.default_user())
             item_vecs, item_found = items.lookup(ids)
             item_vecs[~item_found] = np.nan
@@ -331,7 +331,7 @@ def drill_kill_build(work: Path, users: int, max_new_tokens: int) -> dict:
             a.table(lv).ids == b.table(lv).ids
             and a.table(lv).responses == b.table(lv).responses
             and np.array_equal(a.table(lv).embeddings, b.table(lv).embeddings)
-            for lv in ("scenarios", "users", "items")
+            for lv in ("scenario", "user", "item")
         )
     return {
         "drill": "kill-9-build",

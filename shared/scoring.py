@@ -20,8 +20,6 @@ from shared.artifact import Artifact, check_knowledge_space
 from shared.errors import UserFacingError
 from shared.knowledge.snapshot import KnowledgeSnapshot
 
-LEVEL_TABLES = {"scenario": "scenarios", "user": "users", "item": "items"}
-
 
 @dataclass
 class RequestKnowledge:
@@ -55,7 +53,7 @@ class SnapshotLookup:
         self.space_id = snapshot.space.id
 
     def vectors(self, level: str, ids: Sequence[str]) -> np.ndarray:
-        table = self.snapshot.table(LEVEL_TABLES[level])
+        table = self.snapshot.table(level)
         if level == "user":
             vec, _ = table.lookup(ids, default=self.snapshot.default_user())
             return vec

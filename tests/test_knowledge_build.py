@@ -23,6 +23,7 @@ from fixtures_llm import tiny_model  # noqa: F401  (fixture)
 from offline.knowledge.backends.base import BackendConfig
 from offline.knowledge.build import Executor, KnowledgeConfig, run_build
 from shared.errors import DatasetError
+from shared.knowledge.levels import table_name
 from shared.knowledge.snapshot import LATEST, MANIFEST, KnowledgeSnapshot
 from tests.required import require
 
@@ -71,13 +72,13 @@ def test_build_writes_complete_snapshot(synth_dir, tiny_model, tmp_path):  # noq
     assert np.allclose(snap.default_user(), users.embeddings.mean(0), atol=1e-6)
     m = snap.manifest
     assert m.space.mode == "generate" and m.space.pooling == "last" and m.space.model == "model"
-    assert m.computed["users"] == len(users.ids) and m.reused["users"] == 0
+    assert m.computed["user"] == len(users.ids) and m.reused["user"] == 0
     assert not (result.path / "_work").exists()
     # Tokens/s per phase beside texts/s (prompt + answer tokens when generating): the bench's efficiency ratio.
     rates = m.extra["rates"]
-    for phase in ("users_generate", "users_embed", "scenarios_generate", "items_embed"):
+    for phase in ("user_generate", "user_embed", "scenario_generate", "item_embed"):
         assert rates[f"{phase}_tokens_per_s"] > rates[f"{phase}_per_s"] > 0, (phase, rates)
-    assert 0 < rates["users_generate_new_tokens_per_s"] < rates["users_generate_tokens_per_s"]
+    assert 0 < rates["user_generate_new_tokens_per_s"] < rates["user_generate_tokens_per_s"]
     # Different users get different vectors (the prompts differ).
     assert np.unique(users.embeddings.round(5), axis=0).shape[0] == len(users.ids)
 
@@ -127,8 +128,8 @@ def test_incremental_recomputes_only_changed_users(synth200, tiny_model, tmp_pat
     second = run_build(cfg, executor_factory=lambda: CountingExecutor(cfg.backend, counts))
     m = second.manifest
     assert m.parent_version == parent.version
-    assert m.computed == {"scenarios": 0, "users": 2, "items": 0}
-    assert m.reused["users"] == 198
+    assert m.computed == {"scenario": 0, "user": 2, "item": 0}
+    assert m.reused["user"] == 198
     assert counts == {"embed": 2}  # the LLM saw exactly the two changed users
     child = KnowledgeSnapshot(second.path)
     for u in sorted(set(parent.users().ids) - set(changed))[:50]:
@@ -195,9 +196,9 @@ def test_kill_9_then_resume_equals_uninterrupted(synth200, tiny_model, tmp_path)
     a, b = KnowledgeSnapshot(resumed.path), KnowledgeSnapshot(clean.path)
     # Truncations are counted over every text of the build, also those whose shards finished before the kill.
     assert a.manifest.truncated == b.manifest.truncated and set(a.manifest.truncated) == {
-        f"{level}_{op}" for level in ("scenarios", "users") for op in ("generate", "embed")
-    } | {"items_embed"}
-    for level in ("scenarios", "users", "items"):
+        f"{level}_{op}" for level in ("scenario", "user") for op in ("generate", "embed")
+    } | {"item_embed"}
+    for level in ("scenario", "user", "item"):
         ta, tb = a.table(level), b.table(level)
         assert ta.ids == tb.ids and len(set(ta.ids)) == len(ta.ids)
         assert ta.responses == tb.responses
@@ -210,9 +211,9 @@ def test_pca_space_is_reused_by_refresh(synth_dir, tiny_model, tmp_path):  # noq
     assert snap.users().dim == 8 and snap.space.dim == 8 and snap.space.raw_dim == 32
     assert snap.space.reducer_sha256 and (first.path / "reducer.safetensors").exists()
     second = run_build(_config(synth_dir, tmp_path / "kn", tiny_model, reduce_dim=8))
-    assert second.manifest.space.id == snap.space.id and second.manifest.computed["users"] == 0
+    assert second.manifest.space.id == snap.space.id and second.manifest.computed["user"] == 0
     third = run_build(_config(synth_dir, tmp_path / "kn", tiny_model, reduce_dim=8, new_space=True))
-    assert third.manifest.computed["users"] == len(snap.users().ids) and third.manifest.parent_version is None
+    assert third.manifest.computed["user"] == len(snap.users().ids) and third.manifest.parent_version is None
 
 
 def _over(tokenizer, texts: list[str], limit: int, chat: bool) -> int:
@@ -252,18 +253,18 @@ def test_truncation_is_counted_warned_once_and_max_length_defines_the_space(
     snap = KnowledgeSnapshot(cut.path)
     prompts = pq.read_table(cut.path / PROMPTS_FILE).to_pandas()
     want = {}
-    for level in ("scenarios", "users", "items"):
+    for level in ("scenario", "user", "item"):
         table = snap.table(level)
-        texts = prompts[prompts.level == level].set_index("id").loc[table.ids, "prompt"].tolist()
-        if level == "items":
-            want["items_embed"] = _over(tok, texts, limit, chat=False)
+        texts = prompts[prompts.level == table_name(level)].set_index("id").loc[table.ids, "prompt"].tolist()
+        if level == "item":
+            want["item_embed"] = _over(tok, texts, limit, chat=False)
             continue
         want[f"{level}_generate"] = _over(tok, texts, limit, chat=True)
         answered = [t + " " + r for t, r in zip(texts, table.responses, strict=True)]
         want[f"{level}_embed"] = _over(tok, answered, limit, chat=False)
     assert m.truncated == want
     total = sum(want.values())
-    assert want["users_embed"] > 0 and want["items_embed"] == 0, want
+    assert want["user_embed"] > 0 and want["item_embed"] == 0, want
     warnings = [r for r in caplog.records if r.levelname == "WARNING" and "cut to it" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
     assert f"{total} text(s) were longer than max_length {limit}" in warnings[0].getMessage()
@@ -278,7 +279,7 @@ def test_truncation_is_counted_warned_once_and_max_length_defines_the_space(
         full = run_build(replace(cfg, out=str(tmp_path / "kn")))
     assert not [r for r in caplog.records if "cut to it" in r.getMessage()]
     assert sum(full.manifest.truncated.values()) == 0 and full.manifest.parent_version is None
-    assert full.manifest.space.id != m.space.id and full.manifest.computed["users"] == len(snap.users().ids)
+    assert full.manifest.space.id != m.space.id and full.manifest.computed["user"] == len(snap.users().ids)
     assert full.manifest.dtype == "float32" and full.manifest.hardware["reason"] == "set explicitly (--dtype)"
     # Cut texts really got other vectors; uncut ones (items) did not.
     fsnap = KnowledgeSnapshot(full.path)
@@ -300,7 +301,7 @@ def test_manifest_from_before_the_new_fields_loads_and_refreshes(synth_dir, tiny
     assert old.space.id == data["space"]["id"] == first.manifest.space.id and old.space.max_length == 2048
     assert (old.manifest.dtype, old.manifest.hardware, old.manifest.truncated) == ("", {}, {})
     again = run_build(_config(synth_dir, tmp_path / "kn", tiny_model))
-    assert again.manifest.parent_version == old.version and again.manifest.computed["users"] == 0
+    assert again.manifest.parent_version == old.version and again.manifest.computed["user"] == 0
     assert again.manifest.space.id == old.space.id
 
 
@@ -318,7 +319,7 @@ def test_ray_engine_matches_local(synth_dir, tiny_model, tmp_path):  # noqa: F81
             ray.shutdown()
     a, b = KnowledgeSnapshot(local.path), KnowledgeSnapshot(distributed.path)
     assert b.manifest.extra["engine"] == "ray"
-    for level in ("users", "items", "scenarios"):
+    for level in ("user", "item", "scenario"):
         assert a.table(level).ids == b.table(level).ids
         assert np.allclose(a.table(level).embeddings, b.table(level).embeddings, atol=1e-5)
 

@@ -54,9 +54,9 @@ def test_decode_vector_checks_the_length():
         K.decode_vector(data[:28], 8)
     with pytest.raises(K.VectorLengthError, match="not a whole number"):
         K.decode_vector(data[:7])
-    assert K.ids_key("v1", "users", 3) == "llm4msr:kn:v1:ids:users:3"
+    assert K.ids_key("v1", "user", 3) == "llm4msr:kn:v1:ids:users:3"
     with pytest.raises(ValueError):
-        K.ids_key("v1", "user", 0)
+        K.ids_key("v1", "users", 0)  # a stored name, not a level
     assert [K.id_chunks(n) for n in (0, 1, K.ID_CHUNK, K.ID_CHUNK + 1)] == [1, 1, 1, 2]
 
 

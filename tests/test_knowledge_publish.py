@@ -54,14 +54,14 @@ def test_publish_writes_every_key_then_flips(redis_server, tmp_path):
     s = KnowledgeSnapshot(snap)
     assert np.array_equal(vec, s.users().lookup(["u5"])[0][0])
     assert np.array_equal(K.decode_vector(r.get(K.default_user_key("v1"))), s.default_user())
-    assert r.get(K.response_key("v1", "users", "u5")) == b"v1 answer for u5"
-    assert r.get(K.response_key("v1", "scenarios", "s1")) == b"v1 answer for s1"
-    assert r.get(K.response_key("v1", "items", "i1")) is None  # items have no answer
+    assert r.get(K.response_key("v1", "user", "u5")) == b"v1 answer for u5"
+    assert r.get(K.response_key("v1", "scenario", "s1")) == b"v1 answer for s1"
+    assert r.get(K.response_key("v1", "item", "i1")) is None  # items have no answer
     meta = json.loads(r.get(K.meta_key("v1")))
     assert meta["version"] == "v1"
     assert meta[K.PUBLISHED]["counts"] == {"scenarios": 3, "users": 300, "items": 100}
     assert meta[K.PUBLISHED]["id_chunks"] == {"scenarios": 1, "users": 1, "items": 1} and meta[K.PUBLISHED]["dim"] == 8
-    assert json.loads(r.get(K.ids_key("v1", "users", 0))) == s.users().ids
+    assert json.loads(r.get(K.ids_key("v1", "user", 0))) == s.users().ids
     # vectors + answers (users, scenarios) + id lists (3 levels) + default user + meta
     assert len(list(r.scan_iter(match=K.version_pattern("v1")))) == 3 + 300 + 100 + 300 + 3 + 3 + 2
 
@@ -185,7 +185,7 @@ def assert_version_intact(r, snap_dir: Path) -> None:
     from shared.knowledge.snapshot import KnowledgeSnapshot
 
     s = KnowledgeSnapshot(snap_dir)
-    for level in ("scenarios", "users", "items"):
+    for level in ("scenario", "user", "item"):
         t = s.table(level)
         values = r.mget([K.vector_key(s.version, level, i) for i in t.ids])
         assert all(v == K.encode_vector(e) for v, e in zip(values, t.embeddings, strict=True)), level
@@ -201,7 +201,7 @@ def test_snapshot_with_short_vectors_fails_before_the_flip(redis_server, tmp_pat
     with pytest.raises(UserFacingError) as err:
         publish_snapshot(v2, redis_server.url)
     msg = str(err.value)
-    assert "users vector of id 'u7' has 6 values" in msg and "dim is 8" in msg and "2 of 300" in msg, msg
+    assert "user vector of id 'u7' has 6 values" in msg and "dim is 8" in msg and "2 of 300" in msg, msg
     assert "\n" not in msg
     assert r.get(K.CURRENT) == b"v1"
     assert not list(r.scan_iter(match=K.version_pattern("v2")))  # refused before Redis was touched
@@ -210,7 +210,7 @@ def test_snapshot_with_short_vectors_fails_before_the_flip(redis_server, tmp_pat
     # A whole level stored with another dim than the manifest's is refused the same way.
     v3 = make_snapshot(tmp_path / "kn", "v3", seed=3)
     rewrite_embeddings(v3 / "items.parquet", dim=6)
-    with pytest.raises(UserFacingError, match=r"items vector of id 'i0' has 6 values .*100 of 100 items"):
+    with pytest.raises(UserFacingError, match=r"item vector of id 'i0' has 6 values .*100 of 100 item vectors"):
         publish_snapshot(v3, redis_server.url)
     assert r.get(K.CURRENT) == b"v1"
     assert_version_intact(r, v1)
@@ -230,15 +230,15 @@ def test_verification_reads_every_vector_length_back(redis_server, tmp_path):
     victim = next(f"u{j}" for j in range(2999, 0, -1) if j not in set(rows.tolist()))
     good = r.get(K.user_key("v1", victim))
     r.set(K.user_key("v1", victim), good[:12])
-    with pytest.raises(UserFacingError, match=rf"users '{victim}' has 12 bytes in Redis, expected 32"):
+    with pytest.raises(UserFacingError, match=rf"user '{victim}' has 12 bytes in Redis, expected 32"):
         _verify(r, snap, 8)
     r.set(K.user_key("v1", victim), good)
     r.delete(K.item_key("v1", "i99"))
-    with pytest.raises(UserFacingError, match="items 'i99' is missing"):
+    with pytest.raises(UserFacingError, match="item 'i99' is missing"):
         _verify(r, snap, 8)
     r.set(K.item_key("v1", "i99"), K.encode_vector(snap.items().embeddings[99]))
-    r.set(K.ids_key("v1", "scenarios", 0), json.dumps(["s0", "s1"]))
-    with pytest.raises(UserFacingError, match="scenarios id list in Redis differs"):
+    r.set(K.ids_key("v1", "scenario", 0), json.dumps(["s0", "s1"]))
+    with pytest.raises(UserFacingError, match="scenario id list in Redis differs"):
         _verify(r, snap, 8)
 
 
@@ -278,7 +278,7 @@ def test_id_lists_are_chunked_and_the_reader_never_scans(redis_server, tmp_path,
     r = redis_server.client()
     meta = json.loads(r.get(K.meta_key("v1")))[K.PUBLISHED]
     assert meta["id_chunks"] == {"scenarios": 1, "users": 5, "items": 2} and meta["id_chunk_size"] == 64
-    assert [len(json.loads(r.get(K.ids_key("v1", "users", c)))) for c in range(5)] == [64, 64, 64, 64, 44]
+    assert [len(json.loads(r.get(K.ids_key("v1", "user", c)))) for c in range(5)] == [64, 64, 64, 64, 44]
 
     r.config_resetstat()
     for limit, complete in ((1000, True), (70, False)):

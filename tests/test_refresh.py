@@ -319,8 +319,8 @@ def test_refresh_end_to_end_ranker_follows_new_version(tmp_path, redis_server):
         assert rc == ExitCode.OK, log[-3000:]
         assert not rep2["retrained"] and rep2["published"] and rep2["previous_knowledge_version"] == v1
         build = rep2["steps"]["build"]["detail"]
-        assert build["reused"] > 0 and build["computed_by_level"].get("users", 0) >= 1, build
-        assert build["computed_by_level"].get("users", 0) < build["counts"]["users"], build
+        assert build["reused"] > 0 and build["computed_by_level"].get("user", 0) >= 1, build
+        assert build["computed_by_level"].get("user", 0) < build["counts"]["user"], build
         v2 = rep2["knowledge_version"]
         assert v2 != v1 and current_version(redis_server) == v2
 

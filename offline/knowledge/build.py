@@ -41,11 +41,11 @@ from offline.knowledge.backends.base import (
 )
 from shared.dataset.folder import read_dataset
 from shared.errors import UserFacingError
+from shared.knowledge.levels import LEVELS, META_LEVELS, table_name
 from shared.knowledge.snapshot import (
     DEFAULT_USER_ID,
     DEFAULTS,
     LATEST,
-    LEVELS,
     MANIFEST,
     KnowledgeSnapshot,
     KnowledgeSpace,
@@ -171,7 +171,7 @@ class Executor:
 
 
 def _shard_path(work: Path, level: str, phase: str, k: int) -> Path:
-    return work / f"{level}-{phase}-{k:05d}.parquet"
+    return work / f"{table_name(level)}-{phase}-{k:05d}.parquet"
 
 
 def _write_shard(path: Path, ids: list[str], responses: list[str], emb: np.ndarray | None) -> None:
@@ -250,10 +250,10 @@ class BuildResult:
     def summary(self) -> str:
         m = self.manifest
         parts = [
-            f"{lvl} {m.counts.get(lvl, 0)} ({m.computed.get(lvl, 0)} computed, {m.reused.get(lvl, 0)} reused)"
+            f"{table_name(lvl)} {m.counts.get(lvl, 0)} ({m.computed.get(lvl, 0)} computed, {m.reused.get(lvl, 0)} reused)"
             for lvl in LEVELS
         ]
-        users = m.computed.get("users", 0)
+        users = m.computed.get("user", 0)
         rate = users / self.seconds if self.seconds > 0 else 0.0
         return (
             f"knowledge {m.version}: " + ", ".join(parts) + f"; dim {m.space.dim}, space {m.space.id}, "
@@ -385,9 +385,9 @@ def run_build(
 
     levels: dict[str, LevelWork] = {}
     for level, texts, gen in (
-        ("scenarios", scen_prompts, config.mode == "generate"),
-        ("users", user_prompts, config.mode == "generate"),
-        ("items", item_texts, False),
+        ("scenario", scen_prompts, config.mode == "generate"),
+        ("user", user_prompts, config.mode == "generate"),
+        ("item", item_texts, False),
     ):
         ids = sorted(texts)
         work = LevelWork(level, ids, [texts[i] for i in ids], [P.prompt_sha256(texts[i]) for i in ids], gen)
@@ -484,7 +484,7 @@ def run_build(
             return results
         from tqdm import tqdm
 
-        unit = work.level.rstrip("s")
+        unit = work.level
         bar = tqdm(
             total=sum(len(plan[k]) for k in todo),
             desc=f"{work.level} {'generate' if phase == 'gen' else 'embed'}",
@@ -524,7 +524,7 @@ def run_build(
 
     try:
         answers: dict[str, dict[int, str]] = {}
-        for level in ("scenarios", "users"):
+        for level in META_LEVELS:
             work = levels[level]
             if work.generate:
                 res = run_phase(work, "gen", lambda rows, w=work: [w.texts[i] for i in rows])
@@ -563,11 +563,7 @@ def run_build(
             reducer = load_reducer(reducer_path)
         else:
             fit_on = np.concatenate(
-                [
-                    np.stack([v for _, v in computed_raw[lvl].values()])
-                    for lvl in ("users", "items")
-                    if computed_raw[lvl]
-                ]
+                [np.stack([v for _, v in computed_raw[lvl].values()]) for lvl in ("user", "item") if computed_raw[lvl]]
             )
             reducer = fit_pca(fit_on, config.reduce_dim)
             save_reducer(reducer_path, *reducer)
@@ -597,11 +593,11 @@ def run_build(
                 resp, vec = work.reused[id_]
                 emb[j] = vec
                 responses.append(resp)
-        write_table(vdir / f"{level}.parquet", KnowledgeTable(work.ids, emb, work.hashes, responses))
+        write_table(vdir / f"{table_name(level)}.parquet", KnowledgeTable(work.ids, emb, work.hashes, responses))
         counts[level] = len(work.ids)
         computed[level] = len(fresh_map)
         reused[level] = len(work.reused)
-        if level == "users":
+        if level == "user":
             # Cold-start users get the mean user vector: it lies in the distribution the model was trained on,
             # unlike the vector of an empty-history prompt.
             default = emb.mean(0, keepdims=True) if len(emb) else np.zeros((1, dim), np.float32)
@@ -666,7 +662,7 @@ def _write_prompts(vdir: Path, levels: dict[str, LevelWork]) -> None:
 
     lv, ids, texts = [], [], []
     for level, work in levels.items():
-        lv += [level] * len(work.ids)
+        lv += [table_name(level)] * len(work.ids)
         ids += work.ids
         texts += work.texts
     table = pa.table({"level": lv, "id": ids, "prompt": texts})

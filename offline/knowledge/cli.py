@@ -13,6 +13,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     ksub = parser.add_subparsers(dest="knowledge_command", required=True, metavar="ACTION")
 
     b = ksub.add_parser("build", help="build (or resume, or incrementally refresh) a knowledge snapshot")
+    add_build_args(b)
+    b.set_defaults(handler=_build)
+
+    p = ksub.add_parser("publish", help="copy a snapshot to Redis and flip llm4msr:kn:current to it")
+    p.add_argument("snapshot", help="version folder or knowledge root (its LATEST)")
+    p.add_argument("--redis-url", default=os.environ.get("LLM4MSR_REDIS_URL"), help="env LLM4MSR_REDIS_URL")
+    p.add_argument("--keep-old", type=int, default=1, help="older versions kept for rollback")
+    p.set_defaults(handler=_publish)
+
+    s = ksub.add_parser("show", help="print a user's (or scenario's/item's) prompt, answer and vector norm")
+    s.add_argument("snapshot")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--user")
+    g.add_argument("--scenario")
+    g.add_argument("--item")
+    s.set_defaults(handler=_show)
+
+
+def add_build_args(b, skip: frozenset[str] = frozenset()) -> None:
+    """The options of `knowledge build` on a parser or argument group; `refresh` takes them with skip={"data", "out"}.
+
+    skip names option destinations to leave out.
+    """
+    b = _Skipping(b, skip)
     b.add_argument("--data", required=True, help="dataset folder")
     b.add_argument("--out", required=True, help="knowledge root: versions are written under it, LATEST points")
     b.add_argument("--backend", choices=["hf", "vllm"], default="hf")
@@ -71,21 +95,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--shard-size", type=int, default=256, help="rows per resumable shard")
     b.add_argument("--no-progress", action="store_true")
     add_split_args(b)
-    b.set_defaults(handler=_build)
 
-    p = ksub.add_parser("publish", help="copy a snapshot to Redis and flip llm4msr:kn:current to it")
-    p.add_argument("snapshot", help="version folder or knowledge root (its LATEST)")
-    p.add_argument("--redis-url", default=os.environ.get("LLM4MSR_REDIS_URL"), help="env LLM4MSR_REDIS_URL")
-    p.add_argument("--keep-old", type=int, default=1, help="older versions kept for rollback")
-    p.set_defaults(handler=_publish)
 
-    s = ksub.add_parser("show", help="print a user's (or scenario's/item's) prompt, answer and vector norm")
-    s.add_argument("snapshot")
-    g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--user")
-    g.add_argument("--scenario")
-    g.add_argument("--item")
-    s.set_defaults(handler=_show)
+class _Skipping:
+    """add_argument on the wrapped parser/group, except for the destinations in skip."""
+
+    def __init__(self, target, skip: frozenset[str]):
+        self.target, self.skip = target, skip
+
+    def add_argument(self, *flags: str, **kwargs) -> None:
+        dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        if dest not in self.skip:
+            self.target.add_argument(*flags, **kwargs)
+
+    def add_argument_group(self, *args, **kwargs) -> _Skipping:
+        """A group of its own on a parser; inside a group, the same group (argparse does not nest them)."""
+        if isinstance(self.target, argparse.ArgumentParser):
+            return _Skipping(self.target.add_argument_group(*args, **kwargs), self.skip)
+        return self
 
 
 def config_from_args(args: argparse.Namespace):
@@ -154,7 +181,7 @@ def _show(args: argparse.Namespace) -> int:
     from offline.knowledge.show import show
 
     level, id_ = (
-        ("users", args.user) if args.user else ("scenarios", args.scenario) if args.scenario else ("items", args.item)
+        ("user", args.user) if args.user else ("scenario", args.scenario) if args.scenario else ("item", args.item)
     )
     print(show(args.snapshot, level, id_))
     return 0

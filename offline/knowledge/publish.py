@@ -24,7 +24,8 @@ import numpy as np
 
 from shared.errors import UserFacingError
 from shared.knowledge import keys as K
-from shared.knowledge.snapshot import DEFAULT_USER_ID, DEFAULTS, LEVELS, KnowledgeSnapshot
+from shared.knowledge.levels import LEVELS, table_name
+from shared.knowledge.snapshot import DEFAULT_USER_ID, DEFAULTS, KnowledgeSnapshot
 from shared.redact import redact_text, redact_url
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def _check_vector_lengths(snap: KnowledgeSnapshot) -> int:
 
     dim = int(snap.manifest.space.dim)
     for level in (*LEVELS, DEFAULTS):
-        path = snap.path / f"{level}.parquet"
+        path = snap.path / f"{level if level == DEFAULTS else table_name(level)}.parquet"
         if not path.exists():
             continue  # snap.table() names the missing file when it is needed
         emb_type = pq.read_schema(path).field("embedding").type
@@ -85,10 +86,10 @@ def _check_vector_lengths(snap: KnowledgeSnapshot) -> int:
 
 def _published_info(snap: KnowledgeSnapshot, dim: int) -> dict:
     """What the meta key records next to the manifest: readers size and find the id lists with it."""
-    counts = {level: len(snap.table(level).ids) for level in LEVELS}
+    counts = {table_name(level): len(snap.table(level).ids) for level in LEVELS}  # stored names
     return {
         "counts": counts,
-        "id_chunks": {level: K.id_chunks(n) for level, n in counts.items()},
+        "id_chunks": {name: K.id_chunks(n) for name, n in counts.items()},
         "id_chunk_size": K.ID_CHUNK,
         "dim": dim,
     }
@@ -116,7 +117,7 @@ def _write_version(r, snap: KnowledgeSnapshot, dim: int) -> dict[str, int]:
     pipe = r.pipeline(transaction=False)
     for level in LEVELS:
         ids = snap.table(level).ids
-        for c in range(info["id_chunks"][level]):
+        for c in range(info["id_chunks"][table_name(level)]):
             pipe.set(K.ids_key(version, level, c), json.dumps(ids[c * K.ID_CHUNK : (c + 1) * K.ID_CHUNK]))
     pipe.set(K.default_user_key(version), K.encode_vector(snap.default_user()))
     # The manifest last: a version without its meta key does not exist for readers.
@@ -157,7 +158,7 @@ def _verify(r, snap: KnowledgeSnapshot, dim: int, sample: int = 64) -> None:
             )
             if found != len(resp_ids):
                 raise UserFacingError(f"publish verification failed: {found}/{len(resp_ids)} {level} answers present")
-        chunks = r.mget([K.ids_key(version, level, c) for c in range(info["id_chunks"][level])])
+        chunks = r.mget([K.ids_key(version, level, c) for c in range(info["id_chunks"][table_name(level)])])
         listed = [id_ for raw in chunks for id_ in (json.loads(raw) if raw is not None else [None])]
         if listed != table.ids:
             raise UserFacingError(

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from shared.errors import UserFacingError
+from shared.knowledge.levels import table_name
 from shared.knowledge.snapshot import KnowledgeSnapshot
 
 PROMPTS_FILE = "prompts.parquet"
@@ -19,7 +20,7 @@ def read_prompt(snapshot_dir, level: str, id_: str) -> str | None:
     path = os.path.join(snapshot_dir, PROMPTS_FILE)
     if not os.path.exists(path):
         return None
-    table = ds.dataset(path).to_table(filter=(ds.field("level") == level) & (ds.field("id") == id_))
+    table = ds.dataset(path).to_table(filter=(ds.field("level") == table_name(level)) & (ds.field("id") == id_))
     return table.column("prompt")[0].as_py() if len(table) else None
 
 
@@ -28,13 +29,15 @@ def show(snapshot: str | os.PathLike, level: str, id_: str) -> str:
     table = snap.table(level)
     pos = table.positions([id_])[0]
     if pos < 0:
-        raise UserFacingError(f"{level[:-1]} {id_!r} is not in knowledge {snap.version} ({len(table.ids)} {level})")
+        raise UserFacingError(
+            f"{level} {id_!r} is not in knowledge {snap.version} ({len(table.ids)} {table_name(level)})"
+        )
     vec = table.embeddings[pos]
     prompt = read_prompt(snap.path, level, id_)
     lines = [
         f"knowledge {snap.version} (space {snap.space.id}, model {snap.space.model}, mode {snap.space.mode}, "
         f"pooling {snap.space.pooling}, dim {snap.space.dim})",
-        f"{level[:-1]} {id_}  prompt_sha256 {table.prompt_sha256[pos][:16]}",
+        f"{level} {id_}  prompt_sha256 {table.prompt_sha256[pos][:16]}",
         "--- prompt ---",
         prompt if prompt is not None else "(not stored in this snapshot)",
         "--- answer ---",

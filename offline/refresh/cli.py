@@ -1,6 +1,6 @@
 """`llm4msr refresh`: the nightly job as one command (build knowledge, retrain if needed, publish, reload).
 
-The knowledge options are exactly those of `llm4msr knowledge build` (taken from its parser, so the two never
+The knowledge options are exactly those of `llm4msr knowledge build` (added by the same function, so the two never
 drift apart), with --knowledge-root in place of --out. Exit codes: offline.refresh.job.ExitCode.
 """
 
@@ -9,24 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 
-# Options of `knowledge build` that refresh replaces or does not take.
-_NOT_INHERITED = {"help", "data", "out"}
-
-
-def _knowledge_build_parser() -> argparse.ArgumentParser:
-    """The parser of `llm4msr knowledge build`, registered on a scratch parser."""
-    from offline.knowledge.cli import register as register_knowledge
-
-    subs = argparse.ArgumentParser(add_help=False).add_subparsers()
-    register_knowledge(subs)
-    knowledge = subs.choices["knowledge"]
-    for action in knowledge._actions:
-        if isinstance(action, argparse._SubParsersAction) and "build" in action.choices:
-            return action.choices["build"]
-    raise RuntimeError("`llm4msr knowledge build` is not registered")
-
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from offline.knowledge.cli import add_build_args
     from offline.refresh.job import ExitCode
 
     codes = "; ".join(f"{c.value} {c.name.lower()}" for c in ExitCode)
@@ -70,9 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0)
 
     k = p.add_argument_group("knowledge build (the options of `llm4msr knowledge build`)")
-    for action in _knowledge_build_parser()._actions:
-        if action.dest not in _NOT_INHERITED:
-            k._add_action(action)
+    add_build_args(k, skip=frozenset({"data", "out"}))
     p.set_defaults(handler=cmd_refresh)
 
 

@@ -21,13 +21,14 @@ import re
 import numpy as np
 
 from shared.errors import UserFacingError
+from shared.knowledge.levels import table_name
 
 PREFIX = "llm4msr:kn"
 CURRENT = f"{PREFIX}:current"
 # Versions that are fully written, newest last (a list); lets the publisher find what to clean up.
 VERSIONS = f"{PREFIX}:versions"
 
-LEVEL_CODES = {"users": "u", "scenarios": "s", "items": "i"}
+LEVEL_CODES = {"user": "u", "scenario": "s", "item": "i"}
 DEFAULT_USER_KEY_ID = "__default__"
 
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -55,15 +56,15 @@ def vector_key(version: str, level: str, id_: str) -> str:
 
 
 def user_key(version: str, user_id: str) -> str:
-    return vector_key(version, "users", user_id)
+    return vector_key(version, "user", user_id)
 
 
 def scenario_key(version: str, scenario: str) -> str:
-    return vector_key(version, "scenarios", scenario)
+    return vector_key(version, "scenario", scenario)
 
 
 def item_key(version: str, item_id: str) -> str:
-    return vector_key(version, "items", item_id)
+    return vector_key(version, "item", item_id)
 
 
 def default_user_key(version: str) -> str:
@@ -77,9 +78,7 @@ def meta_key(version: str) -> str:
 
 def ids_key(version: str, level: str, chunk: int) -> str:
     """Chunk `chunk` of the level's id list (a JSON array)."""
-    if level not in LEVEL_CODES:
-        raise ValueError(f"unknown knowledge level {level!r}")
-    return f"{PREFIX}:{version}:ids:{level}:{chunk}"
+    return f"{PREFIX}:{version}:ids:{table_name(level)}:{chunk}"
 
 
 def id_chunks(n_ids: int) -> int:

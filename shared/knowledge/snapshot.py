@@ -25,10 +25,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from shared.errors import UserFacingError
+from shared.knowledge.levels import LEVELS, level_of, table_name
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
-LEVELS = ("scenarios", "users", "items")
 DEFAULTS = "defaults"
 DEFAULT_USER_ID = "user"
 
@@ -78,6 +78,10 @@ class KnowledgeSpace:
         return space
 
 
+# Manifest fields keyed by level: singular in memory, the tables' names on disk.
+PER_LEVEL_FIELDS = ("counts", "computed", "reused")
+
+
 @dataclass
 class Manifest:
     version: str
@@ -99,9 +103,15 @@ class Manifest:
     # Texts cut to space.max_length tokens, per "<level>_<generate|embed>", among those computed in this build.
     truncated: dict[str, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for name in PER_LEVEL_FIELDS:  # either spelling in, the level's name in memory
+            setattr(self, name, {level_of(key): n for key, n in getattr(self, name).items()})
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["space"] = self.space.to_dict()
+        for name in PER_LEVEL_FIELDS:  # stored under the tables' names (see shared/knowledge/levels.py)
+            data[name] = {table_name(level): n for level, n in data[name].items()}
         return data
 
     @classmethod
@@ -257,23 +267,25 @@ class KnowledgeSnapshot:
         return self.manifest.space
 
     def table(self, level: str) -> KnowledgeTable:
+        """A level's table ("scenario", "user", "item") or the defaults table (DEFAULTS)."""
         if level not in (*LEVELS, DEFAULTS):
             raise ValueError(f"unknown knowledge level {level!r}; expected one of {LEVELS}")
         if level not in self._tables:
-            file = self.path / f"{level}.parquet"
+            name = DEFAULTS if level == DEFAULTS else table_name(level)
+            file = self.path / f"{name}.parquet"
             if not file.exists():
-                raise UserFacingError(f"snapshot {self.path} has no {level}.parquet")
+                raise UserFacingError(f"snapshot {self.path} has no {name}.parquet")
             self._tables[level] = read_table(file)
         return self._tables[level]
 
     def scenarios(self) -> KnowledgeTable:
-        return self.table("scenarios")
+        return self.table("scenario")
 
     def users(self) -> KnowledgeTable:
-        return self.table("users")
+        return self.table("user")
 
     def items(self) -> KnowledgeTable:
-        return self.table("items")
+        return self.table("item")
 
     def default_user(self) -> np.ndarray:
         defaults = self.table(DEFAULTS)

@@ -27,9 +27,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from torch import nn
 
 from shared.errors import UserFacingError
-
-LEVELS = ("scenario", "user", "item")
-META_LEVELS = ("scenario", "user")
+from shared.knowledge.levels import LEVELS, META_LEVELS
 
 
 class LLM4MSRConfig(BaseModel):
