@@ -1,6 +1,6 @@
 """Knowledge snapshots on disk: the source of truth that training reads and the publisher copies to Redis.
 
-Layout (DESIGN section 5):
+Layout (docs/architecture.md, Knowledge snapshot):
   <root>/<version>/manifest.json      written last: a version without it does not exist for readers
   <root>/<version>/scenarios.parquet  id, prompt_sha256, response, embedding (fixed-size list of float32)
   <root>/<version>/users.parquet
