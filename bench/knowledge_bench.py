@@ -60,7 +60,7 @@ def _texts(data: Path, args) -> dict[str, list[str]]:
     """The build's texts per level: every scenario prompt, the first --users user prompts, the first --items items."""
     from offline.data.split import make_split
     from offline.knowledge import prompts as P
-    from offline.knowledge.build import load_token_counter
+    from offline.knowledge.build_plan import load_token_counter
     from shared.dataset.folder import read_dataset
 
     ds = read_dataset(data)
@@ -76,20 +76,10 @@ def _texts(data: Path, args) -> dict[str, list[str]]:
 
 
 def _backend_config(name: str, args, **changes):
-    from offline.knowledge.backends import BackendConfig
+    """The backend's config from the bench's options, read as `knowledge build` reads them; dtype as resolved once."""
+    from offline.knowledge.cli import backend_config_from_args
 
-    cfg = BackendConfig(
-        backend=name,
-        model=args.model,
-        dtype=args.dtype_choice.dtype,
-        device=args.device,
-        batch_size=args.batch_size,
-        batch_tokens=args.batch_tokens,
-        prefix_reuse=not args.no_prefix_reuse,
-        max_new_tokens=args.max_new_tokens,
-        threads=args.threads,
-    )
-    return replace(cfg, **changes)
+    return backend_config_from_args(args, backend=name, dtype=args.dtype_choice.dtype, **changes)
 
 
 class Tokens:
@@ -129,7 +119,7 @@ class Tokens:
 
 def _run_phase(executor, op: str, texts: list[str], pooling: str) -> tuple[list, float]:
     """The build's path for one phase: length-ordered shards through the executor; (results in text order, s)."""
-    from offline.knowledge.build import plan_shards
+    from offline.knowledge.build_shards import plan_shards
 
     plan = plan_shards(list(range(len(texts))), [len(t) for t in texts], SHARD_SIZE)
     results: list = [None] * len(texts)
@@ -188,14 +178,14 @@ def _bench_backend(name: str, args, texts: dict[str, list[str]], tokens: Tokens,
     """Every phase of the build with one backend, each followed by its bare forward (bare_model(): an hf backend of
     the same model and dtype, or None to skip)."""
     from offline.knowledge.backends import make_backend
-    from offline.knowledge.build import Executor
+    from offline.knowledge.local_executor import LocalExecutor
 
     cfg = _backend_config(name, args)
     row: dict = {"backend": name, "phases": []}
     t = time.perf_counter()
     backend = make_backend(cfg)
     row["load_s"] = time.perf_counter() - t
-    executor = Executor(cfg, backend)
+    executor = LocalExecutor(cfg, backend=backend)
 
     def reuse_mark() -> tuple[int, int] | None:
         """(tokens, reused tokens) the backend has seen so far (hf reports them; None for other backends)."""
@@ -303,12 +293,12 @@ def _compare_prefix(args, texts: dict[str, list[str]]) -> list[dict]:
     from offline.knowledge.backends import make_backend
     from offline.knowledge.backends.base import cut_token_ids
     from offline.knowledge.backends.hf import shared_prefix_groups
-    from offline.knowledge.build import Executor
+    from offline.knowledge.local_executor import LocalExecutor
 
     cfg = _backend_config("hf", args, prefix_reuse=True)
     out = []
     with make_backend(cfg) as hf:
-        executor = Executor(cfg, hf)
+        executor = LocalExecutor(cfg, backend=hf)
         hf.embed(texts["users"][:2], args.pooling)  # warm-up
         settings = {"on": lambda: setattr(hf, "prefix_reuse", True), "off": lambda: setattr(hf, "prefix_reuse", False)}
         users = texts["users"]
@@ -339,13 +329,13 @@ def _compare_batching(args, texts: dict[str, list[str]]) -> list[dict]:
     """hf with token-budget batches (--batch-tokens) and fixed-count batches (--batch-size), alternating rounds, on
     the item texts and the user prompts (encode)."""
     from offline.knowledge.backends import make_backend
-    from offline.knowledge.build import Executor
+    from offline.knowledge.local_executor import LocalExecutor
 
     budget = args.batch_tokens or 8192
     cfg = _backend_config("hf", args, batch_tokens=budget)
     out = []
     with make_backend(cfg) as hf:
-        executor = Executor(cfg, hf)
+        executor = LocalExecutor(cfg, backend=hf)
         hf.embed(texts["items"][:8], args.pooling)  # warm-up
         settings = {
             "tokens": lambda: setattr(hf, "config", replace(hf.config, batch_tokens=budget)),
@@ -487,6 +477,20 @@ def _print_report(args, rows, prefix_rows, batching_rows, incremental, texts) ->
                 f"generate-only; {r['generate_users_per_s'] / PAPER_USERS_PER_S:.0f}x the paper's code at "
                 f"{PAPER_USERS_PER_S:.2f} users/s)"
             )
+    _print_comparisons(args, prefix_rows, batching_rows)
+    if incremental:
+        print(
+            f"\nincremental refresh{' (fresh processes)' if incremental['fresh_process'] else ''}: "
+            f"{incremental['changed_users']}/{incremental['users']} users changed, "
+            f"{incremental['incremental_s']:.1f} s (median of "
+            + ", ".join(f"{t:.1f}" for t in incremental["incremental_runs_s"])
+            + f") vs full build {incremental['full_s']:.1f} s "
+            f"({100 * incremental['incremental_share']:.1f}%), computed {incremental['incremental_computed']}"
+        )
+
+
+def _print_comparisons(args, prefix_rows: list[dict], batching_rows: list[dict]) -> None:
+    """The side-by-side comparisons (prefix reuse on/off, token-budget/fixed-count batches), one line per row."""
     for title, cmp_rows, new, old in (
         ("shared-prefix reuse on vs off (hf)", prefix_rows, "on", "off"),
         (
@@ -513,39 +517,24 @@ def _print_report(args, rows, prefix_rows, batching_rows, incremental, texts) ->
                 f"{c['speedup']:.2f}x (paired rounds {c['speedup_paired_median']:.2f}x, CPU seconds "
                 f"{c['speedup_cpu']:.2f}x); {parity} [s per round: {rounds}]"
             )
-    if incremental:
-        print(
-            f"\nincremental refresh{' (fresh processes)' if incremental['fresh_process'] else ''}: "
-            f"{incremental['changed_users']}/{incremental['users']} users changed, "
-            f"{incremental['incremental_s']:.1f} s (median of "
-            + ", ".join(f"{t:.1f}" for t in incremental["incremental_runs_s"])
-            + f") vs full build {incremental['full_s']:.1f} s "
-            f"({100 * incremental['incremental_share']:.1f}%), computed {incremental['incremental_computed']}"
-        )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The bench's options; the backend's are those of `knowledge build` (generated from BackendConfig)."""
+    from offline.knowledge.backends.base import BackendConfig
+    from offline.knowledge.build_config import KnowledgeConfig
+    from offline.knowledge.options import add_dataclass_args
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="dataset folder (default: a synthetic one)")
     p.add_argument("--synth-users", type=int, default=400)
     p.add_argument("--synth-items", type=int, default=60)
-    p.add_argument("--model", default=None, help="local HF model folder (default: embedded SmolLM2)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "bfloat16", "float32", "float16"],
-        help="auto: bf16 where the CPU/GPU computes it natively, else float32 (CPU) / float16 (GPU)",
-    )
-    p.add_argument("--pooling", default="mean")
-    p.add_argument("--batch-size", type=int, default=16, help="texts per batch with --batch-tokens 0, and bare")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per batch (0: --batch-size texts)")
-    p.add_argument("--no-prefix-reuse", action="store_true", help="hf: run every text in full")
-    p.add_argument("--threads", type=int, default=0, help="0: OMP_NUM_THREADS, else the cores this process may use")
+    # --batch-size also sizes the bare forward's batches.
+    add_dataclass_args(p, BackendConfig, exclude=("backend",), defaults={"max_new_tokens": 64})
+    add_dataclass_args(p, KnowledgeConfig, only=("pooling",))
     p.add_argument("--users", type=int, default=64, help="users embedded (encode)")
     p.add_argument("--gen-users", type=int, default=8, help="users answered (generate); 0 skips generate")
     p.add_argument("--items", type=int, default=256)
-    p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--backends", default="hf,vllm", help="comma list; vllm is skipped when not installed")
     p.add_argument("--no-phases", action="store_true", help="skip the per-phase table of the backends")
     p.add_argument("--no-bare", action="store_true", help="skip the bare forwards (no efficiency ratio)")
@@ -560,7 +549,11 @@ def main(argv: list[str] | None = None) -> int:
         "--fresh-process", action="store_true", help="time the builds as separate CLI processes (imports included)"
     )
     p.add_argument("--json", help="write the results here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     from offline.knowledge.backends.base import resolve_dtype, resolve_threads
     from offline.knowledge.backends.vllm_backend import find_vllm_python

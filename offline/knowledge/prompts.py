@@ -1,4 +1,4 @@
-"""Every prompt text of the knowledge job, in one place (DESIGN section 5).
+"""Every prompt text of the knowledge job, in one place (docs/architecture.md, Knowledge snapshot).
 
 The exact template text is hashed into the manifest (`template_sha256`): vectors built from different wording live
 in different knowledge spaces. Every scenario and user prompt starts with the same scenario preamble, so that it is
@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
 from offline.data.split import Split
+from offline.knowledge.options import cli
 from shared.dataset.folder import Dataset
 
 PREAMBLE = (
@@ -69,7 +70,7 @@ class PromptConfig:
     # Token budget of the history part; the oldest titles of the longest scenario list are dropped first.
     history_token_budget: int = 256
     # Longest title kept, in characters (some catalogues have paragraph-long titles).
-    max_title_chars: int = 120
+    max_title_chars: int = field(default=120, metadata=cli(hidden=True))
 
     def to_dict(self) -> dict:
         return {

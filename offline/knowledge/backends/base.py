@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from offline.knowledge.options import cli
 from shared.errors import UserFacingError
 
 log = logging.getLogger(__name__)
@@ -31,36 +32,71 @@ DEFAULT_MAX_LENGTH = 2048
 
 @dataclass(frozen=True)
 class BackendConfig:
+    """The settings of an LLM backend; `llm4msr knowledge build` has one option per field (offline/knowledge/options.py)."""
+
+    # A name in the backend registry (offline/knowledge/backends/__init__.py: BACKENDS, the CLI's choices).
     backend: str = "hf"
     # None or "smollm2" = the embedded SmolLM2-135M-Instruct; else a local Hugging Face model directory.
-    model: str | None = None
+    model: str | None = field(
+        default=None, metadata=cli(help="local Hugging Face model folder (default: embedded SmolLM2)")
+    )
     # "auto" (resolve_dtype): bfloat16 where the CPU or GPU computes it natively, else float32 (CPU) / float16 (GPU).
     # bf16 and fp32 vectors agree to cosine >= 0.999 (tests/test_knowledge_dtype.py), so the dtype is not part of
     # the knowledge space.
-    dtype: str = "auto"
-    device: str = "cpu"
+    dtype: str = field(
+        default="auto",
+        metadata=cli(
+            choices=DTYPES,
+            help="auto: bfloat16 where the CPU (AMX-BF16/AVX512-BF16) or GPU computes it natively, "
+            "else float32 (CPU) / float16 (GPU)",
+        ),
+    )
+    device: str = field(default="cpu", metadata=cli(help="cpu, cuda, cuda:1 ... (vllm: cpu or any GPU device)"))
     # Texts per batch when batch_tokens is 0 (fixed-count batches).
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata=cli(help="texts per batch when --batch-tokens is 0"))
     # hf: most padded tokens per batch (texts x longest, + max_new_tokens when generating), texts in length order:
     # short item texts go in large batches, long prompts in small ones. 0 = batches of batch_size texts.
-    batch_tokens: int = 8192
+    batch_tokens: int = field(
+        default=8192,
+        metadata=cli(
+            help="hf: most padded tokens per batch (texts x longest, + --max-new-tokens when generating; padding "
+            "kept under 10%%): short texts go in large batches, long prompts in small ones; 0 = fixed batches of "
+            "--batch-size"
+        ),
+    )
     # hf: a token prefix shared by several texts of a call (the scenario preamble, the chat template's system turn)
     # runs once and its KV cache serves them all; the vectors equal the full forward's (tests/test_knowledge_prefix.py).
-    prefix_reuse: bool = True
+    prefix_reuse: bool = field(
+        default=True,
+        metadata=cli(
+            help="hf: run every prompt in full instead of reusing the KV cache of the prefix the prompts share"
+        ),
+    )
     max_new_tokens: int = 96
+    # torch threads (hf) / CPU threads (vllm-cpu); 0 = resolve_threads: OMP_NUM_THREADS, else the usable cores.
+    threads: int = field(default=0, metadata=cli(help="torch/CPU threads (0 = OMP_NUM_THREADS, else the usable cores)"))
     # Longest text embedded or prompted, in tokens; longer ones are cut (counted and warned about by the build).
     # Part of the knowledge space: it changes the vectors of the texts it cuts.
-    max_length: int = DEFAULT_MAX_LENGTH
-    # torch threads (hf) / CPU threads (vllm-cpu); 0 = resolve_threads: OMP_NUM_THREADS, else the usable cores.
-    threads: int = 0
+    max_length: int = field(
+        default=DEFAULT_MAX_LENGTH,
+        metadata=cli(
+            help="longest text fed to the LLM, in tokens; longer ones are cut (counted, warned about); part of the "
+            "knowledge space"
+        ),
+    )
     # Generation goes through the model's chat template when it has one (instruction-tuned models answer better).
-    chat_template: bool = True
+    chat_template: bool = field(default=True, metadata=cli(help="prompt the model without its chat template"))
     # vllm only: the python of the environment that has vllm (LLM4MSR_VLLM_PYTHON or <repo>/.venv-vllm).
-    vllm_python: str | None = None
-    gpu_memory_utilization: float = 0.85
+    vllm_python: str | None = field(
+        default=None, metadata=cli(help="python of the vllm environment (env LLM4MSR_VLLM_PYTHON)")
+    )
+    gpu_memory_utilization: float = field(default=0.85, metadata=cli(hidden=True))
     # vllm only: run the model eagerly (no torch.compile, no CUDA graphs). None = eager on CPU, where compiling
     # costs ~70 s of engine start for ~16% throughput, and graphs on a GPU, where they speed up decoding.
-    vllm_eager: bool | None = None
+    vllm_eager: bool | None = field(
+        default=None,
+        metadata=cli(help="vllm: run eagerly (default: eager on CPU; CUDA graphs and torch.compile on a GPU)"),
+    )
 
     def __post_init__(self) -> None:
         if self.batch_tokens < 0:

@@ -85,7 +85,7 @@ def main() -> None:
             out = {"error": f"{type(exc).__name__}: {exc}"}
         proto.write(json.dumps(out) + "\n")
     proto.flush()
-    # vLLM may abort at interpreter exit after its work is done (DESIGN section 8): skip the teardown.
+    # vLLM may abort at interpreter exit after its work is done, failing a finished run: skip the teardown.
     os._exit(0)
 
 

@@ -1,0 +1,61 @@
+"""What a knowledge build depends on; the CLI fills it from its options (offline/knowledge/cli.py), the refresh job
+from its own. Re-exported as offline.knowledge.build.KnowledgeConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from offline.data.split import SplitConfig
+from offline.knowledge.backends.base import MODES, POOLINGS, BackendConfig
+from offline.knowledge.executor import ExecutorConfig
+from offline.knowledge.executors import EXECUTORS
+from offline.knowledge.options import cli
+from offline.knowledge.prompts import PromptConfig
+from shared.errors import UserFacingError
+
+
+@dataclass(frozen=True)
+class KnowledgeConfig:
+    """Everything a build depends on; each scalar field is an option of `llm4msr knowledge build`."""
+
+    data: str = field(metadata=cli(help="dataset folder"))
+    out: str = field(metadata=cli(help="knowledge root: versions are written under it, LATEST points"))
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    mode: str = field(default="encode", metadata=cli(choices=MODES))
+    pooling: str = field(default="mean", metadata=cli(choices=POOLINGS))
+    # A name in the executor registry (offline/knowledge/executors.py).
+    engine: str = field(default="local", metadata=cli(choices=EXECUTORS.names))
+    # The engine's own settings, an instance of the config class it is registered with; None = that class's defaults.
+    engine_options: ExecutorConfig | None = field(default=None, metadata=cli(hidden=True))
+    split: SplitConfig = field(default_factory=SplitConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    # PCA to this many dimensions; the fitted reducer defines the knowledge space and is reused by refreshes.
+    reduce_dim: int | None = field(default=None, metadata=cli(help="PCA to this dimension (defines the space)"))
+    # Fit a new reducer even if the previous version has one (a new space: models must be retrained).
+    new_space: bool = field(default=False, metadata=cli(help="fit a new reducer even if the last version has one"))
+    # Reuse vectors of unchanged prompts from the previous version in --out.
+    incremental: bool = field(
+        default=True, metadata=cli(flag="--full", help="recompute every vector (no incremental reuse)")
+    )
+    shard_size: int = field(default=256, metadata=cli(help="rows per resumable shard"))
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UserFacingError(f"unknown mode {self.mode!r}; expected one of {MODES}")
+        if self.pooling not in POOLINGS:
+            raise UserFacingError(f"unknown pooling {self.pooling!r}; expected one of {POOLINGS}")
+        options_class = EXECUTORS.get(self.engine).config_class
+        if self.engine_options is None:
+            object.__setattr__(self, "engine_options", options_class())
+        elif not isinstance(self.engine_options, options_class):
+            raise UserFacingError(
+                f"engine {self.engine!r} takes {options_class.__name__} options, "
+                f"not {type(self.engine_options).__name__}"
+            )
+        if self.reduce_dim is not None and self.reduce_dim < 1:
+            raise UserFacingError("--reduce-dim must be positive")
+        if self.shard_size < 1:
+            raise UserFacingError("shard size must be positive")
+        if self.backend.max_length < 1:
+            raise UserFacingError(f"--max-length must be positive, got {self.backend.max_length}")

@@ -1,0 +1,275 @@
+"""The plan step of a build: read the data, write the prompts' texts, find what the previous version lets us reuse,
+and pick the version folder (a new one, or the unfinished one of the same inputs, to resume)
+(docs/architecture.md, Knowledge snapshot)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from offline.data.split import make_split
+from offline.knowledge import prompts as P
+from offline.knowledge.backends.base import DtypeChoice, resolve_dtype
+from offline.knowledge.build_config import KnowledgeConfig
+from offline.knowledge.build_shards import BUILD_KEY_FILE, WORK
+from shared.dataset.folder import read_dataset
+from shared.errors import UserFacingError
+from shared.knowledge.levels import LEVELS, META_LEVELS
+from shared.knowledge.snapshot import LATEST, MANIFEST, KnowledgeSnapshot
+
+log = logging.getLogger(__name__)
+
+REDUCER_FILE = "reducer.safetensors"
+
+# level -> id -> (the LLM's answer, "" in encode mode; the raw pooled vector): what the phases computed.
+RawVectors = dict[str, dict[str, tuple[str, np.ndarray]]]
+
+
+@dataclass(frozen=True)
+class SpaceKey:
+    """The knowledge-space fields fixed before any vector exists (the reduce step adds dimensions and reducer)."""
+
+    model: str
+    template_sha256: str
+    pooling: str
+    mode: str
+    max_length: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LevelWork:
+    """One level's rows: ids (sorted), texts, prompt hashes, and what the parent already has."""
+
+    level: str
+    ids: list[str]
+    texts: list[str]
+    hashes: list[str]
+    generate: bool
+    reused: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)  # id -> (response, final vector)
+
+    def pending(self) -> list[int]:
+        return [i for i, id_ in enumerate(self.ids) if id_ not in self.reused]
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """Everything the later steps read: the settings (dtype resolved), the inputs' fingerprints, the rows to compute
+    or reuse per level, and the version folder."""
+
+    config: KnowledgeConfig
+    dtype: DtypeChoice
+    dataset_name: str
+    dataset_fingerprint: str
+    split_fingerprint: str
+    model_path: Path
+    raw_dim: int
+    space_key: SpaceKey
+    # The generation settings (empty in encode mode): a parent built with others cannot lend its vectors.
+    generation: dict
+    parent: KnowledgeSnapshot | None
+    # Copy the parent's reducer instead of fitting one (same space, same --reduce-dim).
+    reuse_reducer: bool
+    levels: dict[str, LevelWork]
+    version_dir: Path
+
+    @property
+    def root(self) -> Path:
+        return self.version_dir.parent
+
+    @property
+    def work_dir(self) -> Path:
+        return self.version_dir / WORK
+
+
+def load_token_counter(model: str | None) -> tuple[P.TokenCounter, Path, str]:
+    """The model's token counter alone (for prompt budgets): no LLM engine is started, and after the first build
+    with this model not even transformers is imported (offline/knowledge/tokens.py)."""
+    from offline.knowledge.models import resolve_model
+    from offline.knowledge.tokens import load_token_counter as counter_for
+
+    path, name = resolve_model(model)
+    return counter_for(path), path, name
+
+
+def plan_build(config: KnowledgeConfig) -> BuildPlan:
+    """Fails on a malformed dataset before any model is loaded; loads only the tokenizer (prompt budgets)."""
+    dataset = read_dataset(config.data)
+    split = make_split(dataset, config.split)
+    # The dtype is fixed here, once, for every engine of the build (Ray workers included).
+    dtype = resolve_dtype(config.backend.dtype, config.backend.device)
+    log.info("dtype %s: %s", dtype.dtype, dtype.reason)
+    config = replace(config, backend=replace(config.backend, dtype=dtype.dtype))
+
+    count_tokens, model_path, model_name = load_token_counter(config.backend.model)
+    texts = {
+        "scenario": P.scenario_prompts(dataset),
+        "user": P.user_prompts(dataset, split, config.prompts, count_tokens),
+        "item": P.item_texts(dataset),
+    }
+    raw_dim = _model_hidden_size(model_path)
+    space_key = SpaceKey(
+        model_name, P.template_sha256(config.prompts), config.pooling, config.mode, config.backend.max_length
+    )
+    generation = _generation_settings(config)
+    root = Path(config.out)
+    root.mkdir(parents=True, exist_ok=True)
+    parent, reuse_reducer = _usable_parent(root, config, space_key, generation)
+    levels = {
+        level: _level_work(level, texts[level], config.mode == "generate" and level in META_LEVELS, parent)
+        for level in LEVELS
+    }
+    build_key = _sha(
+        {
+            "dataset": dataset.fingerprint(),
+            "split": split.fingerprint(),
+            "space": space_key.to_dict(),
+            "prompts": config.prompts.to_dict(),
+            "generation": generation,
+            "backend": config.backend.backend,
+            "dtype": config.backend.dtype,
+            "reduce_dim": config.reduce_dim,
+            "new_space": config.new_space,
+            "parent": parent.version if parent else None,
+            "shard_size": config.shard_size,
+        }
+    )
+    return BuildPlan(
+        config=config,
+        dtype=dtype,
+        dataset_name=dataset.name,
+        dataset_fingerprint=dataset.fingerprint(),
+        split_fingerprint=split.fingerprint(),
+        model_path=model_path,
+        raw_dim=raw_dim,
+        space_key=space_key,
+        generation=generation,
+        parent=parent,
+        reuse_reducer=reuse_reducer,
+        levels=levels,
+        version_dir=_version_dir(root, build_key),
+    )
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _model_hidden_size(path: Path) -> int:
+    cfg = json.loads((path / "config.json").read_text())
+    for key in ("hidden_size", "d_model", "n_embd"):
+        if key in cfg:
+            return int(cfg[key])
+    raise UserFacingError(f"cannot find the hidden size in {path / 'config.json'}")
+
+
+def _generation_settings(config: KnowledgeConfig) -> dict:
+    if config.mode != "generate":
+        return {}
+    return {
+        "max_new_tokens": config.backend.max_new_tokens,
+        "chat_template": config.backend.chat_template,
+        "greedy": True,
+    }
+
+
+def _usable_parent(
+    root: Path, config: KnowledgeConfig, space_key: SpaceKey, generation: dict
+) -> tuple[KnowledgeSnapshot | None, bool]:
+    """(the previous version whose vectors this build may reuse, or None; whether its reducer is reused)."""
+    parent = _find_parent(root, space_key, generation) if config.incremental else None
+    # The reducer: reuse the parent's (same space) unless a new one is asked for.
+    reuse_reducer = (
+        parent is not None
+        and config.reduce_dim is not None
+        and not config.new_space
+        and parent.space.reducer_sha256 is not None
+        and parent.space.dim == config.reduce_dim
+        and (parent.path / REDUCER_FILE).exists()
+    )
+    vectors_reusable = parent is not None and (
+        (config.reduce_dim is None and parent.space.reducer_sha256 is None) or reuse_reducer
+    )
+    if parent is not None and not vectors_reusable:
+        log.info("previous version %s has another reducer: full build", parent.version)
+        parent = None
+    return parent, reuse_reducer
+
+
+def _find_parent(root: Path, space_key: SpaceKey, generation: dict) -> KnowledgeSnapshot | None:
+    if not (root / LATEST).exists():
+        return None
+    try:
+        parent = KnowledgeSnapshot(root)
+    except UserFacingError:
+        return None
+    s = parent.space
+    if (s.model, s.template_sha256, s.pooling, s.mode, s.max_length) != (
+        space_key.model,
+        space_key.template_sha256,
+        space_key.pooling,
+        space_key.mode,
+        space_key.max_length,
+    ):
+        log.info("previous version %s is in another knowledge space: full build", parent.version)
+        return None
+    if parent.manifest.extra.get("generation") != generation:
+        log.info("previous version %s used other generation settings: full build", parent.version)
+        return None
+    return parent
+
+
+def _level_work(level: str, texts: dict[str, str], generate: bool, parent: KnowledgeSnapshot | None) -> LevelWork:
+    """The level's rows in id order; rows whose prompt hash equals the parent's keep its answer and vector."""
+    ids = sorted(texts)
+    work = LevelWork(level, ids, [texts[i] for i in ids], [P.prompt_sha256(texts[i]) for i in ids], generate)
+    if parent is not None:
+        ptable = parent.table(level)
+        for j, p in enumerate(ptable.positions(ids)):
+            if p >= 0 and ptable.prompt_sha256[p] == work.hashes[j]:
+                work.reused[ids[j]] = (ptable.responses[p], ptable.embeddings[p])
+    return work
+
+
+def _version_dir(root: Path, build_key: str) -> Path:
+    """The unfinished version of the same inputs (to resume), else a new one with its build key written."""
+    vdir = _find_unfinished(root, build_key)
+    if vdir is not None:
+        log.info("resuming unfinished build %s", vdir.name)
+        return vdir
+    vdir = root / new_version(root, build_key)
+    (vdir / WORK).mkdir(parents=True)
+    (vdir / WORK / BUILD_KEY_FILE).write_text(json.dumps({"key": build_key}) + "\n")
+    return vdir
+
+
+def new_version(root: Path, key: str) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    version = f"{stamp}-{key[:8]}"
+    n = 1
+    while (root / version).exists():
+        n += 1
+        version = f"{stamp}-{key[:8]}-{n}"
+    return version
+
+
+def _find_unfinished(root: Path, key: str) -> Path | None:
+    if not root.is_dir():
+        return None
+    for d in sorted(root.iterdir()):
+        f = d / WORK / BUILD_KEY_FILE
+        if d.is_dir() and not (d / MANIFEST).exists() and f.exists():
+            try:
+                if json.loads(f.read_text()).get("key") == key:
+                    return d
+            except (OSError, ValueError):
+                continue
+    return None

@@ -1,0 +1,144 @@
+"""The write step of a build: the level tables, the cold-start user vector and the prompts beside them, then the
+manifest (last: it makes the version visible) and LATEST; the work files and abandoned builds go
+(docs/architecture.md, Knowledge snapshot)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from offline.knowledge import prompts as P
+from offline.knowledge.build_phases import ComputedKnowledge
+from offline.knowledge.build_plan import BuildPlan, LevelWork, RawVectors
+from offline.knowledge.build_reduce import Reduction
+from offline.knowledge.build_shards import BUILD_KEY_FILE, WORK
+from offline.knowledge.show import PROMPTS_FILE
+from shared.knowledge.levels import LEVELS, table_name
+from shared.knowledge.snapshot import (
+    DEFAULT_USER_ID,
+    DEFAULTS,
+    MANIFEST,
+    KnowledgeTable,
+    Manifest,
+    write_manifest,
+    write_table,
+)
+
+
+@dataclass(frozen=True)
+class LevelCounts:
+    """Rows per level in the new version: all of them, computed by the LLM in this build, reused from the parent."""
+
+    counts: dict[str, int]
+    computed: dict[str, int]
+    reused: dict[str, int]
+
+
+def write_tables(plan: BuildPlan, computed: RawVectors, reduction: Reduction) -> LevelCounts:
+    """Every level's table (fresh vectors reduced, reused ones as the parent stored them), the cold-start user vector
+    and the prompts file."""
+    counts, fresh, reused = {}, {}, {}
+    for level in LEVELS:
+        work = plan.levels[level]
+        table = _level_table(work, computed[level], reduction)
+        write_table(plan.version_dir / f"{table_name(level)}.parquet", table)
+        counts[level] = len(work.ids)
+        fresh[level] = sum(1 for id_ in work.ids if id_ in computed[level])
+        reused[level] = len(work.reused)
+        if level == "user":
+            _write_default_user(plan.version_dir, table.embeddings, reduction.space.dim)
+    _write_prompts(plan.version_dir, plan.levels)
+    return LevelCounts(counts, fresh, reused)
+
+
+def write_version(
+    plan: BuildPlan, computed: ComputedKnowledge, reduction: Reduction, counts: LevelCounts, seconds: float
+) -> Manifest:
+    """Writes the manifest and LATEST, then removes the work files and abandoned unfinished versions."""
+    config = plan.config
+    manifest = Manifest(
+        version=plan.version_dir.name,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        space=reduction.space,
+        dataset_fingerprint=plan.dataset_fingerprint,
+        split_fingerprint=plan.split_fingerprint,
+        counts=counts.counts,
+        backend=config.backend.backend,
+        parent_version=plan.parent.version if plan.parent else None,
+        computed=counts.computed,
+        reused=counts.reused,
+        dtype=plan.dtype.dtype,
+        hardware=plan.dtype.to_dict(),
+        truncated=computed.truncated,
+        extra={
+            "dataset": plan.dataset_name,
+            "split_config": config.split.to_dict(),
+            "prompt_config": config.prompts.to_dict(),
+            "generation": plan.generation,
+            "backend_config": {k: v for k, v in asdict(config.backend).items() if k != "vllm_python"},
+            "engine": config.engine,
+            "templates": P.TEMPLATES,
+            "default_user": "mean of user vectors",
+            "rates": computed.rates,
+            "build_seconds": round(seconds, 3),
+        },
+    )
+    write_manifest(plan.version_dir, manifest)
+    shutil.rmtree(plan.work_dir, ignore_errors=True)
+    _prune_unfinished(plan.root, keep=plan.version_dir)
+    return manifest
+
+
+def _level_table(work: LevelWork, computed: dict[str, tuple[str, np.ndarray]], reduction: Reduction) -> KnowledgeTable:
+    emb = np.zeros((len(work.ids), reduction.space.dim), dtype=np.float32)
+    fresh_ids = [i for i in work.ids if i in computed]
+    fresh = {}
+    if fresh_ids:
+        vectors = reduction.apply(np.stack([computed[i][1] for i in fresh_ids]))
+        fresh = dict(zip(fresh_ids, vectors, strict=True))
+    responses = []
+    for j, id_ in enumerate(work.ids):
+        if id_ in fresh:
+            emb[j] = fresh[id_]
+            responses.append(computed[id_][0])
+        else:
+            resp, vec = work.reused[id_]
+            emb[j] = vec
+            responses.append(resp)
+    return KnowledgeTable(work.ids, emb, work.hashes, responses)
+
+
+def _write_default_user(version_dir: Path, user_vectors: np.ndarray, dim: int) -> None:
+    """Cold-start users get the mean user vector: it lies in the distribution the model was trained on, unlike the
+    vector of an empty-history prompt."""
+    default = user_vectors.mean(0, keepdims=True) if len(user_vectors) else np.zeros((1, dim), np.float32)
+    write_table(
+        version_dir / f"{DEFAULTS}.parquet", KnowledgeTable([DEFAULT_USER_ID], default, ["mean-of-users"], [""])
+    )
+
+
+def _write_prompts(version_dir: Path, levels: dict[str, LevelWork]) -> None:
+    """The exact prompts beside the vectors (for `knowledge show` and audits); not part of the contract."""
+    lv, ids, texts = [], [], []
+    for level, work in levels.items():
+        lv += [table_name(level)] * len(work.ids)
+        ids += work.ids
+        texts += work.texts
+    table = pa.table({"level": lv, "id": ids, "prompt": texts})
+    tmp = version_dir / (PROMPTS_FILE + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, version_dir / PROMPTS_FILE)
+
+
+def _prune_unfinished(root: Path, keep: Path) -> None:
+    """Removes abandoned unfinished versions (their inputs changed; they can never resume)."""
+    for d in root.iterdir():
+        if d.is_dir() and d != keep and not (d / MANIFEST).exists() and (d / WORK / BUILD_KEY_FILE).exists():
+            shutil.rmtree(d, ignore_errors=True)
