@@ -16,18 +16,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATASETS = {"ml-latest-small": "movielens", "amazon-arts-office": "folder"}
+DATASETS = {"ml-latest-small": "movielens", "amazon-arts-office": "folder"}  # folder -> importer name
 
 
 def run_once(path: str, kind: str) -> dict:
     """Child process: import, split with labels and negatives; report seconds and peak RSS."""
     sys.path.insert(0, str(REPO))
-    from offline.data.importers.movielens import import_movielens
+    from offline.data.importers import importer_spec
     from offline.data.split import make_split
-    from shared.dataset.folder import read_dataset
 
     start = time.perf_counter()
-    dataset = import_movielens(path) if kind == "movielens" else read_dataset(path)
+    spec = importer_spec(kind)
+    dataset = spec.load(spec.options_class(path=path))
     imported = time.perf_counter()
     split = make_split(dataset)
     done = time.perf_counter()

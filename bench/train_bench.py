@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from offline.data.split import SplitConfig, make_split  # noqa: E402
+from offline.training.compare import VARIANTS as COMPARE_VARIANTS  # noqa: E402
 from offline.training.trainer import (  # noqa: E402
     KnowledgeTables,
     TrainConfig,
@@ -48,10 +49,14 @@ from shared.knowledge.snapshot import (  # noqa: E402
     write_manifest,
     write_table,
 )
+from shared.models.backbones import backbone_names  # noqa: E402
 from shared.models.features import FeatureEncoder  # noqa: E402
 from shared.scoring import RequestKnowledge, RequestScorer  # noqa: E402
 
-VARIANTS = {"plain": None, "llm_su": ["scenario", "user"], "llm_sui": ["scenario", "user", "item"]}
+# compare's variants timed here: name -> the LLM4MSR levels (None = the plain backbone)
+VARIANTS = {
+    name: COMPARE_VARIANTS[name][2] if COMPARE_VARIANTS[name][0] else None for name in ("plain", "llm_su", "llm_sui")
+}
 
 
 def random_snapshot(dataset, split, root: Path, dim: int) -> KnowledgeSnapshot:
@@ -79,13 +84,15 @@ def random_snapshot(dataset, split, root: Path, dim: int) -> KnowledgeSnapshot:
 
 def setup_training(backbone, levels, split, snapshot, encoder, args):
     """A fresh model (seed 0), its optimizer, knowledge tables and encoded train rows, as `train` builds them."""
-    cfg = TrainConfig(
-        backbone=backbone,
-        llm4msr=levels is not None,
-        levels=levels or ["scenario", "user"],
-        batch_size=args.batch_size,
-        threads=args.threads,
-        progress=False,
+    cfg = TrainConfig.from_flat(
+        {
+            "backbone": backbone,
+            "llm4msr": levels is not None,
+            "levels": levels or ["scenario", "user"],
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "progress": False,
+        }
     )
     torch.manual_seed(0)
     tables = KnowledgeTables(snapshot, encoder.scenarios, levels) if levels else None
@@ -199,11 +206,11 @@ def time_requests(calls: dict[str, dict[str, Callable]], total: int, rounds: int
     return times
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="dataset folder (default: synthetic)")
     p.add_argument("--knowledge", help="knowledge snapshot built on --data's default split")
-    p.add_argument("--backbones", default="shared_bottom,mmoe,ple,star")
+    p.add_argument("--backbones", default=",".join(backbone_names()))
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--batches", type=int, default=40)
     p.add_argument("--candidates", type=int, default=500)
@@ -215,52 +222,33 @@ def main(argv: list[str] | None = None) -> int:
         "--determinism", action="store_true", help="measure the cost of deterministic training (see the module doc)"
     )
     p.add_argument("--json", help="write the results here")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from offline.data.synth import SynthConfig, generate
-    from shared.dataset.folder import read_dataset
+    return p.parse_args(argv)
 
-    if args.data:
-        dataset = read_dataset(args.data)
-    else:
-        dataset = generate(SynthConfig(users=3000, items_per_scenario=2000, main_impressions=40, side_impressions=10))
-    split = make_split(dataset, SplitConfig())
-    tmp = tempfile.TemporaryDirectory()
-    snapshot = (
-        KnowledgeSnapshot(args.knowledge)
-        if args.knowledge
-        else random_snapshot(dataset, split, Path(tmp.name), args.dim)
-    )
-    encoder = FeatureEncoder.fit(dataset, split.train)
+
+def run_determinism(split, snapshot, encoder, args) -> list[dict]:
+    """--determinism: the cost of torch's deterministic mode per backbone and variant."""
     rows = []
-    meta = {
-        "dataset": dataset.name,
-        "train_rows": len(split.train),
-        "knowledge_dim": snapshot.space.dim,
-        "threads": args.threads,
-        "batch_size": args.batch_size,
-        "candidates": args.candidates,
-        "torch_version": torch.__version__,
-    }
-    if args.determinism:
-        for backbone in args.backbones.split(","):
-            for variant, levels in VARIANTS.items():
-                r = {"backbone": backbone, "variant": variant}
-                r.update(bench_determinism(backbone, levels, split, snapshot, encoder, args))
-                rows.append(r)
-                print(
-                    f"{backbone:<14} {variant:<8} deterministic {r['deterministic_samples_per_s']:>9.0f} samples/s"
-                    f"  torch default {r['nondeterministic_samples_per_s']:>9.0f} samples/s"
-                    f"  cost x{r['cost_ratio']:.3f}",
-                    flush=True,
-                )
-        ratios = [r["cost_ratio"] for r in rows]
-        print(
-            f"threads {args.threads}: median cost x{np.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
-        )
-        if args.json:
-            Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-        return 0
+    for backbone in args.backbones.split(","):
+        for variant, levels in VARIANTS.items():
+            r = {"backbone": backbone, "variant": variant}
+            r.update(bench_determinism(backbone, levels, split, snapshot, encoder, args))
+            rows.append(r)
+            print(
+                f"{backbone:<14} {variant:<8} deterministic {r['deterministic_samples_per_s']:>9.0f} samples/s"
+                f"  torch default {r['nondeterministic_samples_per_s']:>9.0f} samples/s"
+                f"  cost x{r['cost_ratio']:.3f}",
+                flush=True,
+            )
+    ratios = [r["cost_ratio"] for r in rows]
+    print(
+        f"threads {args.threads}: median cost x{np.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
+    )
+    return rows
+
+
+def run_speed(dataset, split, snapshot, encoder, args) -> list[dict]:
+    """Training samples/s and request time per backbone and variant, with their ratios to the plain backbone."""
+    rows = []
     for backbone in args.backbones.split(","):
         results, calls = {}, {}
         for variant, levels in VARIANTS.items():
@@ -291,6 +279,40 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 flush=True,
             )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from offline.data.synth import SynthConfig, generate
+    from shared.dataset.folder import read_dataset
+
+    if args.data:
+        dataset = read_dataset(args.data)
+    else:
+        dataset = generate(SynthConfig(users=3000, items_per_scenario=2000, main_impressions=40, side_impressions=10))
+    split = make_split(dataset, SplitConfig())
+    tmp = tempfile.TemporaryDirectory()
+    snapshot = (
+        KnowledgeSnapshot(args.knowledge)
+        if args.knowledge
+        else random_snapshot(dataset, split, Path(tmp.name), args.dim)
+    )
+    encoder = FeatureEncoder.fit(dataset, split.train)
+    meta = {
+        "dataset": dataset.name,
+        "train_rows": len(split.train),
+        "knowledge_dim": snapshot.space.dim,
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "candidates": args.candidates,
+        "torch_version": torch.__version__,
+    }
+    if args.determinism:
+        rows = run_determinism(split, snapshot, encoder, args)
+    else:
+        rows = run_speed(dataset, split, snapshot, encoder, args)
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     return 0

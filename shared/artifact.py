@@ -1,4 +1,4 @@
-"""The model artifact: what training writes and the ranking service loads (DESIGN section 4).
+"""The model artifact: what training writes and the ranking service loads (docs/architecture.md, Model artifact).
 
     <dir>/config.json        ArtifactConfig: backbone, hyper-parameters, scenarios, vocab sizes, knowledge space,
                              metrics, data fingerprint, model_version, sha256 of every file + of the config itself,

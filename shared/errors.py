@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class UserFacingError(Exception):
     """An error caused by input or configuration; its message says what is wrong and where."""
@@ -21,3 +23,8 @@ class DatasetError(UserFacingError):
         if column is not None:
             where += f", column '{column}'"
         super().__init__(f"{where}: {message}")
+
+
+def unknown_name(kind: str, name: str, known: Iterable[str]) -> UserFacingError:
+    """The one-line error of a registry lookup that missed: names what was asked for and every valid choice."""
+    return UserFacingError(f"unknown {kind} {name!r}; choose one of {', '.join(known)}")

@@ -170,8 +170,7 @@ def tiny_train_config(**overrides):
     from offline.training.trainer import TrainConfig
 
     base = dict(epochs=4, patience=1, batch_size=256, lr=3e-3, threads=1, progress=False, embed_dim=8)
-    base.update(overrides)
-    return TrainConfig(**base)
+    return TrainConfig.from_flat({**base, **overrides})
 
 
 def train_tiny_artifact(

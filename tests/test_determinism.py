@@ -25,10 +25,11 @@ from offline.data.split import SplitConfig, make_split
 from offline.training.trainer import deterministic_ops
 from shared.artifact import load_artifact
 from shared.dataset.folder import read_dataset
+from shared.models.backbones import backbone_names
 from shared.models.ctr import CTRModel, ModelConfig
 from shared.models.llm4msr import LLM4MSRConfig
 
-BACKBONES = ("shared_bottom", "mmoe", "ple", "star")
+BACKBONES = tuple(backbone_names())
 LEVEL_SETS = {"plain": None, "su": ("scenario", "user"), "sui": ("scenario", "user", "item")}
 THREADS = 2
 

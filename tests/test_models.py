@@ -12,11 +12,11 @@ from offline.training.metrics import auc, gauc, logloss
 from offline.training.trainer import train
 from shared.errors import UserFacingError
 from shared.knowledge.snapshot import KnowledgeSnapshot
-from shared.models.backbones import BACKBONES, build_backbone
+from shared.models.backbones import backbone_names, build_backbone
 from shared.models.ctr import CTRModel, ModelConfig
 from shared.models.llm4msr import LLM4MSRConfig
 
-BACKBONE_NAMES = sorted(BACKBONES)
+BACKBONE_NAMES = sorted(backbone_names())
 
 
 def test_metrics_known_values():
@@ -196,3 +196,25 @@ def test_fold_is_skipped_for_controls():
         llm4msr=LLM4MSRConfig(levels=["scenario", "user"], knowledge_source="id"),
     )
     assert CTRModel(cfg).wrapper.fold_for_requests() is None
+
+
+def test_module_apply_reaches_every_meta_layer():
+    """nn.Module.apply(fn) works on an LLM4MSR model (no submodule hides it) and visits the meta layers."""
+    from shared.models.llm4msr import LowRankMetaLayer
+
+    cfg = ModelConfig(
+        fields=[("user_id", 10), ("item_id", 20), ("scenario", 4)],
+        n_scenarios=3,
+        llm4msr=LLM4MSRConfig(levels=["scenario", "user", "item"], knowledge_dim=24),
+    )
+    model = CTRModel(cfg)
+    visited: list[type] = []
+
+    def zero_linear(module: torch.nn.Module) -> None:
+        visited.append(type(module))
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.zeros_(module.weight)
+
+    assert model.apply(zero_linear) is model
+    assert visited.count(LowRankMetaLayer) == 2  # the scenario- and user-level meta layers
+    assert all(int(torch.count_nonzero(layer.u.weight)) == 0 for layer in model.wrapper.meta)

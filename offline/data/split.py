@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +26,15 @@ SPLITS = ("train", "valid", "test")
 class SplitConfig:
     """How interactions become labelled train/valid/test rows."""
 
-    valid_ratio: float = 0.1
-    test_ratio: float = 0.1
+    valid_ratio: float = field(default=0.1, metadata={"help": "share of each user's history"})
+    test_ratio: float = field(default=0.1, metadata={"help": "share of each user's history"})
     # Users with fewer interactions than this keep all of them in train (too short to hold out).
-    min_interactions: int = 3
+    min_interactions: int = field(default=3, metadata={"help": "shorter users stay in train"})
     # Explicit ratings: label = rating > threshold.
-    rating_threshold: float = 3.0
+    rating_threshold: float = field(default=3.0, metadata={"help": "label = rating > this"})
     # Implicit positives: negatives sampled per positive, same scenario, never an item the user touched.
-    negatives: int = 4
-    seed: int = 2024
+    negatives: int = field(default=4, metadata={"help": "negatives per implicit positive"})
+    seed: int = field(default=2024, metadata={"help": "seed of negative sampling"})
 
     def __post_init__(self) -> None:
         if not (0 <= self.valid_ratio < 1 and 0 <= self.test_ratio < 1 and self.valid_ratio + self.test_ratio < 1):

@@ -9,7 +9,7 @@ titles, as the LLM does) can therefore predict clicks in a sparse scenario bette
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -56,10 +56,10 @@ class SynthConfig:
     # Impressions per user in the user's main scenario and in each other scenario.
     main_impressions: int = 30
     side_impressions: int = 6
-    # Concentration of the users' theme interests: lower = more focused users.
-    interest_concentration: float = 0.3
-    # How strongly interest drives clicks (logit scale).
-    signal: float = 2.0
+    interest_concentration: float = field(
+        default=0.3, metadata={"help": "concentration of the users' theme interests: lower = more focused users"}
+    )
+    signal: float = field(default=2.0, metadata={"help": "how strongly interest drives clicks (logit scale)"})
     seed: int = 7
 
     def __post_init__(self) -> None:

@@ -8,11 +8,26 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
+
+from offline.common import ConfigFlags
+from offline.training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from offline.refresh.job import RefreshConfig
+
+# The training options of a first model: TrainConfig's flags, some prefixed with train- as they always were
+# (--batch-size and --threads are knowledge build options too).
+TRAIN_FLAGS = ConfigFlags(
+    TrainConfig,
+    fields=("backbone", "levels", "placement", "epochs", "batch_size", "threads", "seed"),
+    rename={"epochs": "train-epochs", "batch_size": "train-batch-size", "threads": "train-threads"},
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from offline.knowledge.cli import add_build_args
-    from offline.refresh.job import ExitCode
+    from offline.refresh.job import RETRAIN_MODES, ExitCode
 
     codes = "; ".join(f"{c.value} {c.name.lower()}" for c in ExitCode)
     p = sub.add_parser(
@@ -34,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", help="write the run report (JSON) here")
     p.add_argument(
         "--retrain",
-        choices=("auto", "always", "never"),
+        choices=RETRAIN_MODES,
         default="auto",
         help="auto: when the knowledge space changed or no usable model exists",
     )
@@ -46,43 +61,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
 
     t = p.add_argument_group("training of a first model (later retrains reuse the current model's settings)")
-    t.add_argument("--backbone", choices=("shared_bottom", "mmoe", "ple", "star"), default="star")
-    t.add_argument("--levels", default="scenario,user", help="comma list of scenario,user,item")
-    t.add_argument("--placement", choices=("bottom", "parallel", "both"), default="both")
-    t.add_argument("--train-epochs", type=int, default=10)
-    t.add_argument("--train-batch-size", type=int, default=2048)
-    t.add_argument("--train-threads", type=int, default=2)
-    t.add_argument("--seed", type=int, default=0)
+    TRAIN_FLAGS.add_to(t)
 
     k = p.add_argument_group("knowledge build (the options of `llm4msr knowledge build`)")
     add_build_args(k, skip=frozenset({"data", "out"}))
     p.set_defaults(handler=cmd_refresh)
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace) -> RefreshConfig:
     from offline.knowledge.cli import config_from_args as knowledge_config
     from offline.refresh.job import RefreshConfig
-    from offline.training.trainer import TrainConfig
 
     kargs = argparse.Namespace(**vars(args))
     kargs.out = args.knowledge_root
-    train = TrainConfig(
-        backbone=args.backbone,
-        levels=[x.strip() for x in args.levels.split(",") if x.strip()],
-        placement=args.placement,
-        epochs=args.train_epochs,
-        batch_size=args.train_batch_size,
-        threads=args.train_threads,
-        seed=args.seed,
-        progress=False,
-    )
     return RefreshConfig(
         knowledge=knowledge_config(kargs),
         artifact_dir=args.artifact_dir,
         redis_url=args.redis_url,
         keep_old=args.keep_old,
         retrain=args.retrain,
-        train=train,
+        train=TRAIN_FLAGS.build(args, progress=False),
         reload_urls=tuple(args.reload_url),
         admin_token=_admin_token(),
     )

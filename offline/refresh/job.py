@@ -22,9 +22,23 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from enum import IntEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.errors import UserFacingError
 from shared.redact import redact_text, redact_url
+
+if TYPE_CHECKING:
+    from offline.data.split import Split
+    from offline.knowledge.build import BuildResult, KnowledgeConfig
+    from offline.training.config import TrainConfig
+    from shared.artifact import ArtifactConfig
+    from shared.dataset.folder import Dataset
+    from shared.knowledge.snapshot import KnowledgeSnapshot
+
+    BuildFn = Callable[[KnowledgeConfig], BuildResult]
+    TrainFn = Callable[[Dataset, Split, KnowledgeSnapshot, TrainConfig, Path], tuple[str, dict]]
+    PublishFn = Callable[[Path, str, int], str]  # snapshot folder, Redis URL, versions kept -> published version
+    ReloadFn = Callable[[str, str], dict]  # ranker URL, admin token -> its answer
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +59,13 @@ class ExitCode(IntEnum):
 
 @dataclass(frozen=True)
 class RefreshConfig:
-    knowledge: object  # offline.knowledge.build.KnowledgeConfig (data, out = knowledge root, backend, split ...)
+    knowledge: KnowledgeConfig  # data, out = the knowledge root, backend, split ...
     artifact_dir: str
     redis_url: str | None = None
     keep_old: int = 1
     retrain: str = "auto"
-    # TrainConfig used when no artifact exists yet (else the current artifact's own training config is reused).
-    train: object | None = None
+    # Used when no artifact exists yet (else the current artifact's own training config is reused); None = defaults.
+    train: TrainConfig | None = None
     # Rankers to reload after a retrain (POST <url>/admin/reload with the admin token).
     reload_urls: tuple[str, ...] = ()
     admin_token: str | None = None
@@ -154,7 +168,7 @@ class _Lock:
             self.fd = None
 
 
-def _current_artifact(artifact_dir: Path):
+def _current_artifact(artifact_dir: Path) -> tuple[ArtifactConfig | None, str | None]:
     """The artifact's config, or (None, why) when there is none or it is unusable."""
     from shared.artifact import read_artifact_config
 
@@ -175,22 +189,20 @@ def _previous_version(root: Path) -> str | None:
         return None
 
 
-def train_config_from_artifact(cfg, fallback):
+def train_config_from_artifact(cfg: ArtifactConfig | None, fallback: TrainConfig | None) -> TrainConfig:
     """Retrains with what the current model was trained with (backbone, levels, hyper-parameters)."""
-    from dataclasses import fields as dc_fields
-
-    from offline.training.trainer import TrainConfig
+    from offline.training.config import TrainConfig
 
     base = fallback if fallback is not None else TrainConfig()
     if cfg is None or not cfg.train:
         return base
-    known = {f.name for f in dc_fields(TrainConfig)}
-    values = {k: v for k, v in cfg.train.items() if k in known}
-    values["progress"] = False
-    return TrainConfig(**{**asdict(base), **values})
+    stored = {k: v for k, v in cfg.train.items() if k in TrainConfig.flat_keys()}
+    return TrainConfig.from_flat({**base.to_dict(), **stored, "progress": False})
 
 
-def _default_train(dataset, split, snapshot, train_cfg, out: Path) -> tuple[str, dict]:
+def _default_train(
+    dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot, train_cfg: TrainConfig, out: Path
+) -> tuple[str, dict]:
     from offline.training.trainer import train
     from shared.artifact import read_artifact_config, save_artifact
 
@@ -204,6 +216,12 @@ def _default_train(dataset, split, snapshot, train_cfg, out: Path) -> tuple[str,
         "test_auc": overall.get("auc"),
         "backbone": cfg.backbone,
     }
+
+
+def _default_build(config: KnowledgeConfig) -> BuildResult:
+    from offline.knowledge.build import run_build
+
+    return run_build(config)
 
 
 def _default_publish(snapshot_dir: Path, redis_url: str, keep_old: int) -> str:
@@ -221,20 +239,31 @@ def _default_reload(url: str, token: str) -> dict:
     return r.json()
 
 
+@dataclass(frozen=True)
+class StepFunctions:
+    """The work behind each step; tests replace one to inject a failure."""
+
+    build: BuildFn = _default_build
+    train: TrainFn = _default_train
+    publish: PublishFn = _default_publish
+    reload: ReloadFn = _default_reload
+
+
 def run_refresh(
     config: RefreshConfig,
     *,
-    build: Callable | None = None,
-    train_fn: Callable | None = None,
-    publish: Callable[[Path, str, int], str] | None = None,
-    reload_fn: Callable[[str, str], dict] | None = None,
+    build: BuildFn | None = None,
+    train_fn: TrainFn | None = None,
+    publish: PublishFn | None = None,
+    reload_fn: ReloadFn | None = None,
 ) -> RefreshReport:
     """Runs the job; never raises for an expected failure: the outcome is in the report's exit code.
 
     build/train_fn/publish/reload_fn replace the real steps (tests inject failures with them).
     """
-    kcfg = config.knowledge
-    root = Path(kcfg.out)
+    given = {"build": build, "train": train_fn, "publish": publish, "reload": reload_fn}
+    steps = StepFunctions(**{name: fn for name, fn in given.items() if fn is not None})
+    root = Path(config.knowledge.out)
     artifact_dir = Path(config.artifact_dir)
     report = RefreshReport(
         started_at=_now(),
@@ -246,138 +275,166 @@ def run_refresh(
     if not lock.acquire():
         return _finish(report, ExitCode.BUSY, "busy", f"another refresh holds {lock.path}")
     try:
-        report = _run(config, report, root, artifact_dir, build, train_fn, publish, reload_fn)
+        report = _RefreshRun(config, report, root, artifact_dir, steps).run()
     finally:
         lock.release()
     return _scrub(report, _secret_urls(config))
 
 
-def _run(config, report, root, artifact_dir, build, train_fn, publish, reload_fn) -> RefreshReport:
-    from offline.knowledge.build import run_build
+@dataclass(frozen=True)
+class _Stop:
+    """How a step ends the job."""
 
-    kcfg = config.knowledge
-    secrets = _secret_urls(config)
-    report.previous_knowledge_version = _previous_version(root)
-    current, missing_why = _current_artifact(artifact_dir)
-    if current is not None:
-        report.previous_model_version = current.model_version
-        report.artifact_space_id = current.knowledge_space_id
-        report.model_version = current.model_version
+    code: ExitCode
+    outcome: str
+    message: str
 
-    # 1. knowledge (incremental: unchanged prompts keep their vectors; an interrupted build resumes)
-    step = report.steps["build"]
-    t0 = time.perf_counter()
-    try:
-        result = (build or run_build)(kcfg)
-    except UserFacingError as exc:
-        _fail(step, t0, exc, secrets)
-        return _finish(report, ExitCode.USAGE, "failed", f"knowledge build: {exc}")
-    except Exception as exc:  # noqa: BLE001 - any crash is reported, the rankers are untouched
-        _fail(step, t0, exc, secrets, with_trace=True)
-        return _finish(report, ExitCode.FAILED, "failed", f"knowledge build crashed: {exc}")
-    manifest = result.manifest
-    step.status, step.seconds = "ok", round(time.perf_counter() - t0, 3)
-    step.detail = {
-        "path": str(result.path),
-        "computed": sum(manifest.computed.values()),
-        "reused": sum(manifest.reused.values()),
-        "computed_by_level": dict(manifest.computed),
-        "reused_by_level": dict(manifest.reused),
-        "counts": dict(manifest.counts),
-        "parent_version": manifest.parent_version,
-        "created_at": manifest.created_at,
-    }
-    report.knowledge_version = manifest.version
-    report.knowledge_space_id = manifest.space.id
 
-    # 2. retrain when the space changed, no usable artifact exists, or asked to
-    reason = _retrain_reason(config.retrain, current, missing_why, manifest.space.id)
-    step = report.steps["train"]
-    if reason is None:
-        step.status = "skipped"
-        step.detail = {"why": "the current model reads this knowledge space" if current else "--retrain never"}
-        if current is None:
-            return _finish(
-                report,
-                ExitCode.PARTIAL,
-                "partial",
-                f"no usable model ({missing_why}) and --retrain never: knowledge not published",
-            )
-    else:
-        report.retrain_reason = reason
+@dataclass
+class _RefreshRun:
+    """One run of the job: the steps in order, each either passing on or ending the job with a _Stop."""
+
+    config: RefreshConfig
+    report: RefreshReport
+    root: Path
+    artifact_dir: Path
+    steps: StepFunctions
+    current: ArtifactConfig | None = None  # the artifact before this run
+    missing_why: str | None = None  # why there is no usable current artifact
+    built: BuildResult | None = None
+
+    def run(self) -> RefreshReport:
+        report = self.report
+        report.previous_knowledge_version = _previous_version(self.root)
+        self.current, self.missing_why = _current_artifact(self.artifact_dir)
+        if self.current is not None:
+            report.previous_model_version = self.current.model_version
+            report.artifact_space_id = self.current.knowledge_space_id
+            report.model_version = self.current.model_version
+        for step in (self.build, self.retrain, self.publish, self.reload):
+            stop = step()
+            if stop is not None:
+                return _finish(report, stop.code, stop.outcome, stop.message)
+        raise AssertionError("the reload step always ends the job")  # pragma: no cover
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return _secret_urls(self.config)
+
+    def build(self) -> _Stop | None:
+        """1. knowledge (incremental: unchanged prompts keep their vectors; an interrupted build resumes)."""
+        step = self.report.steps["build"]
         t0 = time.perf_counter()
         try:
-            version, detail = _train(config, current, result, artifact_dir, train_fn)
+            self.built = self.steps.build(self.config.knowledge)
+        except UserFacingError as exc:
+            _fail(step, t0, exc, self.secrets)
+            return _Stop(ExitCode.USAGE, "failed", f"knowledge build: {exc}")
+        except Exception as exc:  # noqa: BLE001 - any crash is reported, the rankers are untouched
+            _fail(step, t0, exc, self.secrets, with_trace=True)
+            return _Stop(ExitCode.FAILED, "failed", f"knowledge build crashed: {exc}")
+        manifest = self.built.manifest
+        step.status, step.seconds = "ok", round(time.perf_counter() - t0, 3)
+        step.detail = {
+            "path": str(self.built.path),
+            "computed": sum(manifest.computed.values()),
+            "reused": sum(manifest.reused.values()),
+            "computed_by_level": dict(manifest.computed),
+            "reused_by_level": dict(manifest.reused),
+            "counts": dict(manifest.counts),
+            "parent_version": manifest.parent_version,
+            "created_at": manifest.created_at,
+        }
+        self.report.knowledge_version = manifest.version
+        self.report.knowledge_space_id = manifest.space.id
+        return None
+
+    def retrain(self) -> _Stop | None:
+        """2. retrain when the space changed, no usable artifact exists, or asked to."""
+        manifest, step = self.built.manifest, self.report.steps["train"]
+        reason = _retrain_reason(self.config.retrain, self.current, self.missing_why, manifest.space.id)
+        if reason is None:
+            step.status = "skipped"
+            step.detail = {"why": "the current model reads this knowledge space" if self.current else "--retrain never"}
+            if self.current is None:
+                why = f"no usable model ({self.missing_why}) and --retrain never: knowledge not published"
+                return _Stop(ExitCode.PARTIAL, "partial", why)
+            return None
+        self.report.retrain_reason = reason
+        t0 = time.perf_counter()
+        try:
+            version, detail = self._train()
         except Exception as exc:  # noqa: BLE001 - includes UserFacingError: the knowledge is kept, not published
-            _fail(step, t0, exc, secrets, with_trace=not isinstance(exc, UserFacingError))
-            return _finish(
-                report,
-                ExitCode.PARTIAL,
-                "partial",
-                f"retraining failed ({exc}); knowledge {manifest.version} was built but not published",
-            )
+            _fail(step, t0, exc, self.secrets, with_trace=not isinstance(exc, UserFacingError))
+            why = f"retraining failed ({exc}); knowledge {manifest.version} was built but not published"
+            return _Stop(ExitCode.PARTIAL, "partial", why)
         step.status, step.seconds, step.detail = "ok", round(time.perf_counter() - t0, 3), detail
-        report.retrained = True
-        report.model_version = version
-        report.artifact_space_id = manifest.space.id
+        self.report.retrained = True
+        self.report.model_version = version
+        self.report.artifact_space_id = manifest.space.id
+        return None
 
-    # 3. publish (rankers following llm4msr:kn:current swap to it); without Redis, LATEST already points at it
-    step = report.steps["publish"]
-    if not config.redis_url:
-        step.status = "skipped"
-        step.detail = {"why": "no Redis URL: rankers reading the snapshot root follow its LATEST pointer"}
-        report.published = False
-    else:
+    def _train(self) -> tuple[str, dict]:
+        from offline.common import load_split
+        from shared.knowledge.snapshot import KnowledgeSnapshot
+
+        kcfg = self.config.knowledge
+        train_cfg = train_config_from_artifact(self.current, self.config.train)
+        # the split of the knowledge build (the trainer refuses knowledge built on another split: leakage guard)
+        dataset, split = load_split(kcfg.data, kcfg.split)
+        snapshot = KnowledgeSnapshot(self.built.path)
+        return self.steps.train(dataset, split, snapshot, train_cfg, self.artifact_dir)
+
+    def publish(self) -> _Stop | None:
+        """3. publish (rankers following llm4msr:kn:current swap to it); without Redis, LATEST already points at it."""
+        step = self.report.steps["publish"]
+        if not self.config.redis_url:
+            step.status = "skipped"
+            step.detail = {"why": "no Redis URL: rankers reading the snapshot root follow its LATEST pointer"}
+            self.report.published = False
+            return None
         t0 = time.perf_counter()
         try:
-            version = (publish or _default_publish)(Path(result.path), config.redis_url, config.keep_old)
+            version = self.steps.publish(Path(self.built.path), self.config.redis_url, self.config.keep_old)
         except Exception as exc:  # noqa: BLE001
-            _fail(step, t0, exc, secrets, with_trace=not isinstance(exc, UserFacingError))
-            return _finish(
-                report,
-                ExitCode.PARTIAL,
-                "partial",
-                f"publish failed ({exc}); rerun `llm4msr knowledge publish {result.path}` or the refresh",
-            )
+            _fail(step, t0, exc, self.secrets, with_trace=not isinstance(exc, UserFacingError))
+            why = f"publish failed ({exc}); rerun `llm4msr knowledge publish {self.built.path}` or the refresh"
+            return _Stop(ExitCode.PARTIAL, "partial", why)
         step.status, step.seconds, step.detail = "ok", round(time.perf_counter() - t0, 3), {"version": version}
-        report.published = True
+        self.report.published = True
+        return None
 
-    # 4. a new model only serves after the rankers load it
-    step = report.steps["reload"]
-    if not report.retrained:
-        step.status = "skipped"
-        step.detail = {"why": "model unchanged"}
-        return _finish(report, ExitCode.OK, "ok", "")
-    if not config.reload_urls:
-        step.status = "skipped"
-        step.detail = {"why": "no --reload-url: restart the rankers (or POST /admin/reload) to serve the new model"}
-        report.rollout_required = True
-        return _finish(
-            report, ExitCode.ROLLOUT, "rollout", f"new model {report.model_version}: restart or reload the rankers"
-        )
-    t0 = time.perf_counter()
-    answers, failed = {}, {}
-    for url in config.reload_urls:
-        try:
-            answers[redact_url(url)] = (reload_fn or _default_reload)(url, config.admin_token)
-        except Exception as exc:  # noqa: BLE001
-            failed[redact_url(url)] = redact_text(exc, *secrets)
-    step.seconds = round(time.perf_counter() - t0, 3)
-    step.detail = {"reloaded": answers, "failed": failed}
-    if failed:
-        step.status, step.error = "failed", "; ".join(f"{u}: {e}" for u, e in failed.items())
-        report.rollout_required = True
-        return _finish(
-            report,
-            ExitCode.ROLLOUT,
-            "rollout",
-            f"new model {report.model_version}; {len(failed)} ranker(s) did not reload: restart them",
-        )
-    step.status = "ok"
-    return _finish(report, ExitCode.OK, "ok", f"rankers reloaded with model {report.model_version}")
+    def reload(self) -> _Stop:
+        """4. a new model only serves after the rankers load it."""
+        report, step = self.report, self.report.steps["reload"]
+        if not report.retrained:
+            step.status, step.detail = "skipped", {"why": "model unchanged"}
+            return _Stop(ExitCode.OK, "ok", "")
+        if not self.config.reload_urls:
+            step.status = "skipped"
+            step.detail = {"why": "no --reload-url: restart the rankers (or POST /admin/reload) to serve the new model"}
+            report.rollout_required = True
+            why = f"new model {report.model_version}: restart or reload the rankers"
+            return _Stop(ExitCode.ROLLOUT, "rollout", why)
+        t0 = time.perf_counter()
+        answers, failed = {}, {}
+        for url in self.config.reload_urls:
+            try:
+                answers[redact_url(url)] = self.steps.reload(url, self.config.admin_token)
+            except Exception as exc:  # noqa: BLE001
+                failed[redact_url(url)] = redact_text(exc, *self.secrets)
+        step.seconds = round(time.perf_counter() - t0, 3)
+        step.detail = {"reloaded": answers, "failed": failed}
+        if failed:
+            step.status, step.error = "failed", "; ".join(f"{u}: {e}" for u, e in failed.items())
+            report.rollout_required = True
+            why = f"new model {report.model_version}; {len(failed)} ranker(s) did not reload: restart them"
+            return _Stop(ExitCode.ROLLOUT, "rollout", why)
+        step.status = "ok"
+        return _Stop(ExitCode.OK, "ok", f"rankers reloaded with model {report.model_version}")
 
 
-def _retrain_reason(mode: str, current, missing_why: str | None, space_id: str) -> str | None:
+def _retrain_reason(mode: str, current: ArtifactConfig | None, missing_why: str | None, space_id: str) -> str | None:
     if mode == "never":
         return None
     if mode == "always":
@@ -387,18 +444,6 @@ def _retrain_reason(mode: str, current, missing_why: str | None, space_id: str) 
     if current.knowledge_space_id is not None and current.knowledge_space_id != space_id:
         return f"knowledge space changed ({current.knowledge_space_id} -> {space_id})"
     return None
-
-
-def _train(config: RefreshConfig, current, build_result, artifact_dir: Path, train_fn) -> tuple[str, dict]:
-    from offline.common import load_split
-    from shared.knowledge.snapshot import KnowledgeSnapshot
-
-    kcfg = config.knowledge
-    train_cfg = train_config_from_artifact(current, config.train)
-    # the split of the knowledge build (the trainer refuses knowledge built on another split: leakage guard)
-    dataset, split = load_split(kcfg.data, kcfg.split)
-    snapshot = KnowledgeSnapshot(build_result.path)
-    return (train_fn or _default_train)(dataset, split, snapshot, train_cfg, artifact_dir)
 
 
 def _fail(step: Step, t0: float, exc: BaseException, secrets: Sequence[str], with_trace: bool = False) -> None:

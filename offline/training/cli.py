@@ -7,43 +7,50 @@ import json
 import logging
 import sys
 
-from offline.common import add_split_args
+from offline.common import ConfigFlags, add_split_args, comma_list
+from offline.training.config import TrainConfig
+from shared.models.backbones import backbone_names
 
 log = logging.getLogger(__name__)
 
-BACKBONE_NAMES = ("shared_bottom", "mmoe", "ple", "star")
+# TrainConfig fields that compare sets per run (backbone, variant, seed), in --help order.
+RUN_FLAGS = ConfigFlags(TrainConfig, fields=("backbone", "llm4msr", "knowledge_source", "levels", "placement", "seed"))
+# The training options that train and compare share (refresh takes some of them under its own names).
+TRAINING_FLAGS = ConfigFlags(
+    TrainConfig,
+    fields=(
+        "epochs",
+        "patience",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "embed_dim",
+        "reduce_dim",
+        "proj_dim",
+        "meta_dim",
+        "rank",
+        "hyper_hidden",
+        "threads",
+        "progress",
+    ),
+)
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=10, help="maximum epochs (early stopping on validation AUC)")
-    g.add_argument("--patience", type=int, default=1, help="epochs without validation AUC gain before stopping")
-    g.add_argument("--batch-size", type=int, default=2048)
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--embed-dim", type=int, default=16)
-    g.add_argument("--reduce-dim", type=int, default=64, help="LLM4MSR: frozen PCA size of the LLM vectors")
-    g.add_argument("--proj-dim", type=int, default=32, help="LLM4MSR: projected knowledge size")
-    g.add_argument("--meta-dim", type=int, default=32, help="LLM4MSR: meta layer width")
-    g.add_argument("--rank", type=int, default=8, help="LLM4MSR: rank of the generated weights")
-    g.add_argument("--hyper-hidden", type=int, default=32, help="LLM4MSR: hypernetwork hidden size")
-    g.add_argument(
-        "--threads",
-        type=int,
-        default=2,
-        help="torch threads; the same seed and thread count give a byte-identical model (recorded in the artifact)",
-    )
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    TRAINING_FLAGS.add_to(p.add_argument_group("training"))
 
 
-def _levels(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+def train_config_from_args(args: argparse.Namespace, flags: tuple[ConfigFlags, ...]) -> TrainConfig:
+    """The TrainConfig of the given flags (the rest at their defaults); a progress bar only on a terminal."""
+    values = {name: value for f in flags for name, value in f.values(args).items()}
+    values["progress"] = values.get("progress", True) and sys.stderr.isatty()
+    return TrainConfig.from_flat(values)
 
 
 def _top_k(text: str) -> list[int]:
     """--top-k: distinct positive integers, sorted."""
     try:
-        ks = sorted({int(t) for t in _levels(text)})
+        ks = sorted(set(comma_list(int)(text)))
     except ValueError:
         ks = []
     if not ks or ks[0] < 1:
@@ -66,22 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a multi-scenario model (optionally with LLM4MSR) and write an artifact")
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--knowledge", help="knowledge snapshot (version folder or root with LATEST)")
-    p.add_argument("--backbone", choices=BACKBONE_NAMES, default="star")
-    p.add_argument("--no-llm4msr", action="store_true", help="the plain backbone, no meta networks")
-    p.add_argument(
-        "--knowledge-source",
-        choices=("llm", "id", "random"),
-        default="llm",
-        help="llm = snapshot vectors; id / random = the controls (learnable ids / fixed random vectors)",
-    )
-    p.add_argument(
-        "--levels",
-        type=_levels,
-        default=["scenario", "user"],
-        help="comma list of scenario,user,item (paper: scenario,user)",
-    )
-    p.add_argument("--placement", choices=("bottom", "parallel", "both"), default="both")
-    p.add_argument("--seed", type=int, default=0)
+    RUN_FLAGS.add_to(p)
     p.add_argument("--out", required=True, help="artifact folder to write")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -102,18 +94,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     add_top_k_arg(p)
     p.set_defaults(handler=cmd_evaluate)
+    _register_compare(sub)
+
+
+def _register_compare(sub: argparse._SubParsersAction) -> None:
+    from offline.training.compare import DEFAULT_VARIANTS, VARIANTS
 
     p = sub.add_parser("compare", help="train every backbone plain / +LLM4MSR / controls over seeds; write a report")
     p.add_argument("--data", required=True)
     p.add_argument("--knowledge", required=True)
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
-    p.add_argument("--seed-list", type=_levels, help="explicit seeds, e.g. 3,4 (overrides --seeds)")
-    p.add_argument("--backbones", type=_levels, default=list(BACKBONE_NAMES))
+    p.add_argument("--seed-list", type=comma_list(int), help="explicit seeds, e.g. 3,4 (overrides --seeds)")
+    p.add_argument("--backbones", type=comma_list(), default=backbone_names())
     p.add_argument(
         "--variants",
-        type=_levels,
+        type=comma_list(),
         default=None,
-        help="subset of plain,llm_su,llm_sui,id_sui,random_sui (also id_su, random_su)",
+        help=f"subset of {','.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})",
     )
     p.add_argument(
         "--out",
@@ -129,35 +126,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_train_args(p)
     add_split_args(p)
     p.set_defaults(handler=cmd_compare)
-
-
-def _train_config(args: argparse.Namespace, **overrides):
-    from offline.training.trainer import TrainConfig
-
-    cfg = TrainConfig(
-        backbone=getattr(args, "backbone", "star"),
-        llm4msr=not getattr(args, "no_llm4msr", False),
-        knowledge_source=getattr(args, "knowledge_source", "llm"),
-        levels=getattr(args, "levels", ["scenario", "user"]),
-        placement=getattr(args, "placement", "both"),
-        embed_dim=args.embed_dim,
-        reduce_dim=args.reduce_dim,
-        proj_dim=args.proj_dim,
-        meta_dim=args.meta_dim,
-        rank=args.rank,
-        hyper_hidden=args.hyper_hidden,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        patience=args.patience,
-        seed=getattr(args, "seed", 0),
-        threads=args.threads,
-        progress=not args.no_progress and sys.stderr.isatty(),
-    )
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
 
 
 def format_metrics(metrics: dict) -> str:
@@ -186,9 +154,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from shared.artifact import save_artifact
     from shared.knowledge.snapshot import KnowledgeSnapshot
 
+    config = train_config_from_args(args, (RUN_FLAGS, TRAINING_FLAGS))  # bad flags fail before any data is read
     dataset, split = load_split(args.data, split_config_from_args(args))
     snapshot = KnowledgeSnapshot(args.knowledge) if args.knowledge else None
-    result = train(dataset, split, snapshot, _train_config(args))
+    result = train(dataset, split, snapshot, config)
     out = save_artifact(args.out, result.model, result.encoder, result.artifact_fields(split), args.overwrite)
     if args.json:
         print(json.dumps(result.metrics, indent=2))
@@ -240,8 +209,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from offline.training.compare import run_compare
+    from offline.common import split_config_from_args
+    from offline.training.compare import DEFAULT_VARIANTS, CompareConfig, run_compare
 
-    seeds = [int(s) for s in args.seed_list] if args.seed_list else list(range(args.seeds))
-    run_compare(args, seeds, _train_config)
+    config = CompareConfig(
+        data=args.data,
+        knowledge=args.knowledge,
+        out=args.out,
+        train=train_config_from_args(args, (TRAINING_FLAGS,)),
+        split=split_config_from_args(args),
+        seeds=tuple(args.seed_list) if args.seed_list else tuple(range(args.seeds)),
+        backbones=tuple(args.backbones),
+        variants=tuple(args.variants or DEFAULT_VARIANTS),
+        top_k=tuple(args.top_k),
+        report_only=args.report_only,
+    )
+    run_compare(config)
     return 0

@@ -14,16 +14,27 @@ reported, never tuned on.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from shared.errors import UserFacingError
+from offline.data.split import SplitConfig
+from offline.training.config import TrainConfig
+from offline.training.metrics import DEFAULT_TOP_K
+from shared.errors import UserFacingError, unknown_name
+from shared.models.backbones import backbone_names
+
+if TYPE_CHECKING:
+    from offline.data.split import Split
+    from offline.training.trainer import TrainResult
+    from shared.dataset.folder import Dataset
+    from shared.knowledge.snapshot import KnowledgeSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +68,7 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def run_settings(config: dict, split_fingerprint: str, snapshot, top_k: list[int]) -> dict:
+def run_settings(config: dict, split_fingerprint: str, snapshot: KnowledgeSnapshot, top_k: list[int]) -> dict:
     """What a run's numbers depend on, as stored in its record and compared before reusing it."""
     return {
         "split_fingerprint": split_fingerprint,
@@ -88,19 +99,43 @@ def changed_settings(record: dict, config: dict, settings: dict) -> list[str]:
     return reasons
 
 
-def _run_config(args: argparse.Namespace, make_config, backbone: str, variant: str, seed: int):
-    wrapped, source, levels = VARIANTS[variant]
-    return make_config(
-        args,
-        backbone=backbone,
-        llm4msr=wrapped,
-        knowledge_source=source,
-        levels=levels or ["scenario", "user"],
-        seed=seed,
-    )
+@dataclass(frozen=True)
+class CompareConfig:
+    """One comparison: which runs (backbones x variants x seeds) on which data, knowledge and training settings."""
+
+    data: str
+    knowledge: str
+    out: str
+    # Shared by every run; each run sets its backbone, its variant's llm4msr/knowledge_source/levels and its seed.
+    train: TrainConfig = field(default_factory=TrainConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    backbones: tuple[str, ...] = field(default_factory=lambda: tuple(backbone_names()))
+    variants: tuple[str, ...] = tuple(DEFAULT_VARIANTS)
+    top_k: tuple[int, ...] = tuple(DEFAULT_TOP_K)
+    report_only: bool = False  # only rebuild the report from the finished runs made with these settings
+
+    def __post_init__(self) -> None:
+        for kind, names, known in (
+            ("variant", self.variants, VARIANTS),
+            ("backbone", self.backbones, backbone_names()),
+        ):
+            for name in names:
+                if name not in known:
+                    raise unknown_name(kind, name, known)
+
+    def run_config(self, backbone: str, variant: str, seed: int) -> TrainConfig:
+        wrapped, source, levels = VARIANTS[variant]
+        return self.train.with_values(
+            backbone=backbone,
+            llm4msr=wrapped,
+            knowledge_source=source,
+            levels=levels or ["scenario", "user"],
+            seed=seed,
+        )
 
 
-def evaluate_run(result, split, snapshot, top_k: list[int]) -> dict:
+def evaluate_run(result: TrainResult, split: Split, snapshot: KnowledgeSnapshot, top_k: list[int]) -> dict:
     """Valid and test metrics of a trained run through the serving/evaluate scoring path, with the top-K list."""
     from offline.training.metrics import summarize
     from shared.artifact import in_memory_artifact
@@ -112,76 +147,86 @@ def evaluate_run(result, split, snapshot, top_k: list[int]) -> dict:
     return {name: summarize(f, scorer.score_rows(f, lookup), top_k) for name, f in frames.items() if len(f)}
 
 
-def run_compare(args: argparse.Namespace, seeds: list[int], make_config) -> None:
-    from offline.common import load_split, split_config_from_args
-    from offline.training.trainer import train
+def run_compare(config: CompareConfig) -> None:
+    """Trains the runs that have no finished record made with the same settings, then writes the report."""
+    from offline.common import load_split
     from shared.knowledge.snapshot import KnowledgeSnapshot
 
-    variants = args.variants or DEFAULT_VARIANTS
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise UserFacingError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
-    top_k = list(args.top_k)
-    out = Path(args.out)
-    runs_dir = out / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    snapshot = KnowledgeSnapshot(args.knowledge)
-    dataset, split = load_split(args.data, split_config_from_args(args))
-    split_fp = split.fingerprint()
-    if not args.report_only:
-        for seed in seeds:
-            for backbone in args.backbones:
-                for variant in variants:
-                    file = runs_dir / f"{backbone}__{variant}__s{seed}.json"
-                    cfg = _run_config(args, make_config, backbone, variant, seed)
-                    settings = run_settings(cfg.to_dict(), split_fp, snapshot, top_k)
-                    if file.exists():
-                        changed = changed_settings(json.loads(file.read_text()), cfg.to_dict(), settings)
-                        if not changed:
-                            log.info("reuse %s (same settings)", file.name)
-                            continue
-                        log.info("recompute %s: settings changed: %s", file.name, "; ".join(changed))
-                    log.info("run %s / %s / seed %d", backbone, variant, seed)
-                    result = train(dataset, split, snapshot, cfg)
-                    metrics = evaluate_run(result, split, snapshot, top_k)
-                    record = {
-                        "backbone": backbone,
-                        "variant": variant,
-                        "seed": seed,
-                        "metrics": metrics,
-                        "best_epoch": result.best_epoch,
-                        "seconds": result.seconds,
-                        "history": result.history,
-                        "config": cfg.to_dict(),
-                        **settings,
-                    }
-                    tmp = file.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(record, indent=1))
-                    tmp.replace(file)
-                    log.info(
-                        "%s / %s / seed %d: test AUC %.4f (%.0fs)",
-                        backbone,
-                        variant,
-                        seed,
-                        metrics["test"]["overall"]["auc"],
-                        result.seconds,
-                    )
+    out = Path(config.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    snapshot = KnowledgeSnapshot(config.knowledge)
+    dataset, split = load_split(config.data, config.split)
+    if not config.report_only:
+        for seed in config.seeds:
+            for backbone in config.backbones:
+                for variant in config.variants:
+                    _run_once(config, dataset, split, snapshot, backbone, variant, seed)
+    current, left_out = _matching_runs(config, out, split.fingerprint(), snapshot)
+    if not current:
+        raise UserFacingError(
+            f"no finished run in {out / 'runs'} matches these settings ({len(left_out)} made with other settings); "
+            "run without --report-only, or pass the options the runs were made with"
+        )
+    write_report(out, snapshot, current, list(config.top_k), left_out)
+
+
+def _run_once(
+    config: CompareConfig,
+    dataset: Dataset,
+    split: Split,
+    snapshot: KnowledgeSnapshot,
+    backbone: str,
+    variant: str,
+    seed: int,
+) -> None:
+    """Trains and records one run, unless its record exists and was made with the same settings."""
+    from offline.training.trainer import train
+
+    file = Path(config.out) / "runs" / f"{backbone}__{variant}__s{seed}.json"
+    cfg = config.run_config(backbone, variant, seed).to_dict()
+    settings = run_settings(cfg, split.fingerprint(), snapshot, list(config.top_k))
+    if file.exists():
+        changed = changed_settings(json.loads(file.read_text()), cfg, settings)
+        if not changed:
+            log.info("reuse %s (same settings)", file.name)
+            return
+        log.info("recompute %s: settings changed: %s", file.name, "; ".join(changed))
+    log.info("run %s / %s / seed %d", backbone, variant, seed)
+    result = train(dataset, split, snapshot, config.run_config(backbone, variant, seed))
+    metrics = evaluate_run(result, split, snapshot, list(config.top_k))
+    record = {
+        "backbone": backbone,
+        "variant": variant,
+        "seed": seed,
+        "metrics": metrics,
+        "best_epoch": result.best_epoch,
+        "seconds": result.seconds,
+        "history": result.history,
+        "config": cfg,
+        **settings,
+    }
+    tmp = file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(file)
+    auc = metrics["test"]["overall"]["auc"]
+    log.info("%s / %s / seed %d: test AUC %.4f (%.0fs)", backbone, variant, seed, auc, result.seconds)
+
+
+def _matching_runs(
+    config: CompareConfig, out: Path, split_fp: str, snapshot: KnowledgeSnapshot
+) -> tuple[list[dict], list[str]]:
+    """The finished runs made with the current settings, and a line per run left out (with what changed)."""
     current, left_out = [], []
     for run in load_runs(out):
-        cfg = _run_config(args, make_config, run["backbone"], run["variant"], run["seed"])
-        changed = changed_settings(run, cfg.to_dict(), run_settings(cfg.to_dict(), split_fp, snapshot, top_k))
+        cfg = config.run_config(run["backbone"], run["variant"], run["seed"]).to_dict()
+        changed = changed_settings(run, cfg, run_settings(cfg, split_fp, snapshot, list(config.top_k)))
         if changed:
             name = f"{run['backbone']}__{run['variant']}__s{run['seed']}"
             log.warning("report leaves out %s: made with other settings (%s)", name, "; ".join(changed))
             left_out.append(f"{name} ({'; '.join(changed)})")
         else:
             current.append(run)
-    if not current:
-        raise UserFacingError(
-            f"no finished run in {runs_dir} matches these settings ({len(left_out)} made with other settings); "
-            "run without --report-only, or pass the options the runs were made with"
-        )
-    write_report(out, snapshot, current, top_k, left_out)
+    return current, left_out
 
 
 def load_runs(out: Path) -> list[dict]:
@@ -222,89 +267,99 @@ def report_k(top_k: list[int]) -> int:
     return min(top_k, key=lambda k: (abs(k - 10), k))
 
 
-def write_report(out: Path, snapshot, runs: list[dict], top_k: list[int], left_out: list[str] | None = None) -> Path:
-    """report.md, summary.json and the plots from `runs` (the finished runs that match the current settings)."""
-    if not runs:
-        raise UserFacingError(f"no finished runs in {out / 'runs'}")
-    table = aggregate(runs)
-    scenarios = sorted({s for r in runs for s in r["metrics"]["test"]["per_scenario"]})
-    backbones = [b for b in ("shared_bottom", "mmoe", "ple", "star") if any(k[0] == b for k in table)]
-    variants = [v for v in VARIANTS if any(k[1] == v for k in table)]
-    k = report_k(top_k)
-    ndcg, recall, mrr = f"ndcg@{k}", f"recall@{k}", f"mrr@{k}"
-    rows = [(b, v, table[(b, v)]) for b in backbones for v in variants if (b, v) in table]
-    panels = ["overall", *scenarios]
+@dataclass(frozen=True)
+class ReportTables:
+    """The aggregated runs in report order, and the Markdown tables made from them."""
 
-    def users(panel: str) -> str:
-        counts = {n for _, _, e in rows for n in e.get(f"test/{panel}/topk_users", [])}
+    table: dict[tuple[str, str], dict]  # (backbone, variant) -> aggregate()'s entry
+    backbones: list[str]
+    variants: list[str]
+    panels: list[str]  # "overall", then each scenario
+
+    @classmethod
+    def of(cls, runs: list[dict]) -> ReportTables:
+        table = aggregate(runs)
+        registered = backbone_names()
+        order = {b: (registered.index(b) if b in registered else len(registered), b) for b, _ in table}
+        scenarios = sorted({s for r in runs for s in r["metrics"]["test"]["per_scenario"]})
+        variants = [v for v in VARIANTS if any(k[1] == v for k in table)]
+        return cls(table, sorted(order, key=order.__getitem__), variants, ["overall", *scenarios])
+
+    @property
+    def rows(self) -> list[tuple[str, str, dict]]:
+        """(backbone, variant, entry) per table row."""
+        return [(b, v, self.table[(b, v)]) for b in self.backbones for v in self.variants if (b, v) in self.table]
+
+    def users(self, panel: str) -> str:
+        counts = {n for _, _, e in self.rows for n in e.get(f"test/{panel}/topk_users", [])}
         return "/".join(str(n) for n in sorted(counts)) or "-"
 
-    def overall(metric: str) -> Callable[[dict], str]:
-        return lambda e: _ms(e.get(f"test/overall/{metric}", []))
-
-    def per_panel(title: str, metric: str, extra: dict[str, Callable[[dict], str]] | None = None) -> list[str]:
+    def per_panel(self, title: str, metric: str, extra: dict[str, Callable[[dict], str]] | None = None) -> list[str]:
         """One row per (backbone, variant): the metric overall and per scenario, then the extra columns."""
         extra = extra or {}
         lines = [
             "",
             f"## {title}",
             "",
-            "| backbone | variant | seeds | " + " | ".join(panels) + "".join(f" | {h}" for h in extra) + " |",
-            "|---|---|---|" + "---|" * (len(panels) + len(extra)),
+            "| backbone | variant | seeds | " + " | ".join(self.panels) + "".join(f" | {h}" for h in extra) + " |",
+            "|---|---|---|" + "---|" * (len(self.panels) + len(extra)),
         ]
-        for b, v, e in rows:
-            cells = [_ms(e.get(f"test/{p}/{metric}", [])) for p in panels] + [cell(e) for cell in extra.values()]
+        for b, v, e in self.rows:
+            cells = [_ms(e.get(f"test/{p}/{metric}", [])) for p in self.panels] + [cell(e) for cell in extra.values()]
             lines.append(f"| {b} | {LABELS[v]} | {e['n']} | " + " | ".join(cells) + " |")
         return lines
 
-    def gains(metric: str, title: str) -> list[str]:
+    def gains(self, metric: str, title: str) -> list[str]:
         lines = [
             "",
             f"## Gain over plain ({title}, mean difference)",
             "",
-            "| backbone | variant | " + " | ".join(panels) + " |",
-            "|---|---|" + "---|" * len(panels),
+            "| backbone | variant | " + " | ".join(self.panels) + " |",
+            "|---|---|" + "---|" * len(self.panels),
         ]
-        for b, v, e in rows:
-            base = table.get((b, "plain"))
+        for b, v, e in self.rows:
+            base = self.table.get((b, "plain"))
             if base is None or v == "plain":
                 continue
             diffs = [
                 np.mean(e.get(f"test/{p}/{metric}", np.nan)) - np.mean(base.get(f"test/{p}/{metric}", np.nan))
-                for p in panels
+                for p in self.panels
             ]
             lines.append(f"| {b} | {LABELS[v]} | " + " | ".join(f"{d:+.4f}" for d in diffs) + " |")
         return lines
 
+
+def _overall(metric: str) -> Callable[[dict], str]:
+    return lambda e: _ms(e.get(f"test/overall/{metric}", []))
+
+
+def _report_lines(out: Path, snapshot: KnowledgeSnapshot, tables: ReportTables, top_k: list[int]) -> list[str]:
+    """report.md without its left-out list."""
+    k = report_k(top_k)
+    ndcg = f"ndcg@{k}"
+    space = snapshot.space
     lines = [
         f"# LLM4MSR comparison: {out.name}",
         "",
-        f"Knowledge snapshot {snapshot.version} (space {snapshot.space.id}, model {snapshot.space.model}, "
-        f"mode {snapshot.space.mode}, pooling {snapshot.space.pooling}, dim {snapshot.space.dim}). "
+        f"Knowledge snapshot {snapshot.version} (space {space.id}, model {space.model}, mode {space.mode}, "
+        f"pooling {space.pooling}, dim {space.dim}). "
         "Early stopping on validation AUC; test split untouched by model selection. Mean ± std over seeds.",
         "",
-        f"Top-K metrics rank each user's test rows by score (among tied scores negatives rank first), per scenario and, for overall, "
-        f"over all the user's scenarios; Recall@{k}, NDCG@{k} and MRR@{k} are means over the users with at least one "
-        f"positive and one negative: {', '.join(f'{p} {users(p)}' for p in panels)}. summary.json has K = "
-        f"{', '.join(map(str, top_k))}.",
+        "Top-K metrics rank each user's test rows by score (among tied scores negatives rank first), per scenario "
+        f"and, for overall, over all the user's scenarios; Recall@{k}, NDCG@{k} and MRR@{k} are means over the users "
+        f"with at least one positive and one negative: {', '.join(f'{p} {tables.users(p)}' for p in tables.panels)}. "
+        f"summary.json has K = {', '.join(map(str, top_k))}.",
     ]
-    lines += per_panel(
-        "Test AUC",
-        "auc",
-        {
-            f"NDCG@{k} overall": overall(ndcg),
-            "GAUC": overall("gauc"),
-            "Logloss": overall("logloss"),
-            "s/run": lambda e: f"{np.mean(e['seconds']):.0f}",
-        },
-    )
-    lines += per_panel(f"Test NDCG@{k}", ndcg, {f"MRR@{k} overall": overall(mrr)})
-    lines += per_panel(f"Test Recall@{k}", recall)
+    seconds = {"s/run": lambda e: f"{np.mean(e['seconds']):.0f}"}
+    extra = {f"NDCG@{k} overall": _overall(ndcg), "GAUC": _overall("gauc"), "Logloss": _overall("logloss")}
+    lines += tables.per_panel("Test AUC", "auc", extra | seconds)
+    lines += tables.per_panel(f"Test NDCG@{k}", ndcg, {f"MRR@{k} overall": _overall(f"mrr@{k}")})
+    lines += tables.per_panel(f"Test Recall@{k}", f"recall@{k}")
     lines += ["", "## Validation AUC (model selection)", "", "| backbone | variant | overall |", "|---|---|---|"]
-    lines += [f"| {b} | {LABELS[v]} | {_ms(e['valid/overall/auc'])} |" for b, v, e in rows]
-    lines += gains("auc", "test AUC")
-    lines += gains(ndcg, f"test NDCG@{k}")
-    lines += [
+    lines += [f"| {b} | {LABELS[v]} | {_ms(e['valid/overall/auc'])} |" for b, v, e in tables.rows]
+    lines += tables.gains("auc", "test AUC")
+    lines += tables.gains(ndcg, f"test NDCG@{k}")
+    return lines + [
         "",
         "![per-scenario AUC](per_scenario_auc.png)",
         "",
@@ -313,14 +368,26 @@ def write_report(out: Path, snapshot, runs: list[dict], top_k: list[int], left_o
         "![scenario knowledge](scenario_similarity.png)",
         "",
     ]
+
+
+def write_report(
+    out: Path, snapshot: KnowledgeSnapshot, runs: list[dict], top_k: list[int], left_out: list[str] | None = None
+) -> Path:
+    """report.md, summary.json and the plots from `runs` (the finished runs that match the current settings)."""
+    if not runs:
+        raise UserFacingError(f"no finished runs in {out / 'runs'}")
+    tables = ReportTables.of(runs)
+    lines = _report_lines(out, snapshot, tables, top_k)
     if left_out:
         lines += ["## Left out: finished runs made with other settings", ""]
         lines += [f"- {name}" for name in left_out] + [""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
-    (out / "summary.json").write_text(json.dumps({f"{b}/{v}": e for (b, v), e in table.items()}, indent=1))
-    _plot_metric(out / "per_scenario_auc.png", table, backbones, variants, panels, "auc", "test AUC")
-    _plot_metric(out / f"per_scenario_ndcg{k}.png", table, backbones, variants, panels, ndcg, f"test NDCG@{k}")
+    (out / "summary.json").write_text(json.dumps({f"{b}/{v}": e for (b, v), e in tables.table.items()}, indent=1))
+    k = report_k(top_k)
+    plot_args = (tables.table, tables.backbones, tables.variants, tables.panels)
+    _plot_metric(out / "per_scenario_auc.png", *plot_args, "auc", "test AUC")
+    _plot_metric(out / f"per_scenario_ndcg{k}.png", *plot_args, f"ndcg@{k}", f"test NDCG@{k}")
     _plot_similarity(out, snapshot)
     log.info("report written to %s", report)
     return report
@@ -362,7 +429,7 @@ def _plot_metric(
     plt.close(fig)
 
 
-def _plot_similarity(out: Path, snapshot) -> None:
+def _plot_similarity(out: Path, snapshot: KnowledgeSnapshot) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -23,7 +23,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -31,44 +31,15 @@ import torch
 from tqdm import tqdm
 
 from offline.data.split import Split
+from offline.training.config import TrainConfig
 from offline.training.metrics import summarize
 from shared.dataset.folder import Dataset
 from shared.errors import UserFacingError
 from shared.knowledge.snapshot import KnowledgeSnapshot
-from shared.models.backbones import backbone_class
 from shared.models.ctr import CTRModel, ModelConfig
 from shared.models.features import FeatureEncoder
-from shared.models.llm4msr import LLM4MSRConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    backbone: str = "star"
-    backbone_params: dict = field(default_factory=dict)
-    llm4msr: bool = True
-    knowledge_source: str = "llm"
-    levels: list[str] = field(default_factory=lambda: ["scenario", "user"])
-    placement: str = "both"
-    embed_dim: int = 16
-    reduce_dim: int = 64
-    proj_dim: int = 32
-    meta_dim: int = 32
-    rank: int = 8
-    hyper_hidden: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 2048
-    epochs: int = 10
-    patience: int = 1
-    seed: int = 0
-    threads: int = 2
-    eval_batch_size: int = 8192
-    progress: bool = True
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -99,7 +70,6 @@ class KnowledgeTables:
     def __init__(self, snapshot: KnowledgeSnapshot, scenarios: list[str], levels: list[str]):
         self.snapshot = snapshot
         self.dim = snapshot.space.dim
-        self.levels = levels
         self.tables: dict[str, torch.Tensor] = {}
         self.reduced = False
         self._users = snapshot.users() if ("user" in levels or "scenario" in levels) else None
@@ -298,20 +268,8 @@ def check_snapshot_split(snapshot: KnowledgeSnapshot, split: Split) -> None:
 
 
 def build_model(cfg: TrainConfig, encoder: FeatureEncoder, knowledge_dim: int) -> CTRModel:
-    backbone_class(cfg.backbone)  # clear error for an unknown name
-    wrapper = None
-    if cfg.llm4msr:
-        wrapper = LLM4MSRConfig(
-            levels=cfg.levels,
-            placement=cfg.placement,
-            knowledge_source=cfg.knowledge_source,
-            knowledge_dim=knowledge_dim,
-            reduce_dim=cfg.reduce_dim,
-            proj_dim=cfg.proj_dim,
-            meta_dim=cfg.meta_dim,
-            rank=cfg.rank,
-            hyper_hidden=cfg.hyper_hidden,
-        )
+    """The network of cfg over the encoder's fields; knowledge_dim = the snapshot's vector size (0 without one)."""
+    wrapper = cfg.wrapper.model_copy(update={"knowledge_dim": knowledge_dim}) if cfg.llm4msr else None
     return CTRModel(
         ModelConfig(
             fields=list(encoder.field_sizes().items()),
@@ -356,63 +314,104 @@ def train(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, cf
         return _train(dataset, split, snapshot, cfg)
 
 
-def _train(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, cfg: TrainConfig) -> TrainResult:
-    started = time.perf_counter()
-    uses_llm = cfg.llm4msr and cfg.knowledge_source == "llm"
-    tables = None
-    if uses_llm:
-        if snapshot is None:
-            raise UserFacingError("LLM4MSR with --knowledge-source llm needs --knowledge SNAPSHOT")
-        check_snapshot_split(snapshot, split)
+@dataclass
+class Prepared:
+    """What the epochs need: the encoder, the fresh model, its knowledge tables and every split encoded."""
+
+    encoder: FeatureEncoder
+    model: CTRModel
+    tables: KnowledgeTables | None
+    data: dict[str, Arrays]
+
+
+def prepare(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, cfg: TrainConfig) -> Prepared:
+    """Checks the inputs, fits the encoder, builds the model (seeded by the caller) and encodes the splits."""
+    uses_llm = cfg.llm4msr and cfg.wrapper.knowledge_source == "llm"
+    if uses_llm and snapshot is None:
+        raise UserFacingError("LLM4MSR with --knowledge-source llm needs --knowledge SNAPSHOT")
     if snapshot is not None and cfg.llm4msr:
         check_snapshot_split(snapshot, split)
     encoder = FeatureEncoder.fit(dataset, split.train)
-    if uses_llm:
-        tables = KnowledgeTables(snapshot, encoder.scenarios, list(LLM4MSRConfig(levels=cfg.levels).levels))
+    tables = KnowledgeTables(snapshot, encoder.scenarios, cfg.wrapper.levels) if uses_llm else None
     model = build_model(cfg, encoder, tables.dim if tables else 0)
     if tables is not None:
         tables.fit_and_reduce(model)
     data = {name: encode_split(frame, encoder, tables) for name, frame in split.frames().items()}
     if len(data["train"]) == 0 or len(data["valid"]) == 0:
         raise UserFacingError("training needs non-empty train and validation splits")
-    metric = early_stopping_metric(data["valid"])
-    sign = 1.0 if metric == "auc" else -1.0  # higher is better after the sign
-    optim = make_optimizer(model, cfg)
+    return Prepared(encoder, model, tables, data)
+
+
+@dataclass
+class EarlyStopping:
+    """Follows one validation metric (higher AUC, or lower logloss) and keeps the best epoch's weights."""
+
+    metric: str
+    patience: int
+    best_score: float = -math.inf  # the metric with its sign: higher is better
+    best_epoch: int = 0
+    best_state: dict | None = None
+    bad_epochs: int = 0
+
+    def update(self, epoch: int, valid: dict, model: CTRModel) -> bool:
+        """Records an epoch's validation metrics; True when training should stop. A NaN is never the best."""
+        score = valid[self.metric] if self.metric == "auc" else -valid[self.metric]
+        if not math.isnan(score) and score > self.best_score + 1e-5:
+            self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+            self.best_state = copy.deepcopy(model.state_dict())
+            return False
+        self.bad_epochs += 1
+        return self.bad_epochs > self.patience
+
+    @property
+    def best_value(self) -> float:
+        """The best epoch's metric as measured (without the sign)."""
+        return self.best_score if self.metric == "auc" else -self.best_score
+
+
+def run_epoch(
+    prepared: Prepared, optim: torch.optim.Optimizer, perm: torch.Tensor, cfg: TrainConfig, epoch: int
+) -> float:
+    """One pass over the train rows in the order perm; returns the mean training loss."""
+    model, train_data = prepared.model, prepared.data["train"]
+    model.train()
     loss_fn = torch.nn.BCEWithLogitsLoss()
+    n, total = len(train_data), 0.0
+    bar = tqdm(
+        total=n,
+        desc=f"{cfg.backbone} epoch {epoch}",
+        unit="row",
+        unit_scale=True,
+        disable=not cfg.progress,
+        mininterval=1.0,
+        leave=False,
+    )
+    for start in range(0, n, cfg.batch_size):
+        idx = perm[start : start + cfg.batch_size]
+        total += float(train_step(model, optim, loss_fn, prepared.tables, train_data, idx)) * len(idx)
+        bar.update(len(idx))
+    bar.close()
+    return total / n
+
+
+def fit(prepared: Prepared, cfg: TrainConfig, stopping: EarlyStopping) -> list[dict]:
+    """The epochs, until early stopping; leaves the best epoch's weights in the model. Returns the history."""
+    model, valid_data = prepared.model, prepared.data["valid"]
+    optim = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
-    best_score, best_state, best_epoch, bad = -math.inf, None, 0, 0
+    n = len(prepared.data["train"])
     history: list[dict] = []
-    train_data = data["train"]
-    n = len(train_data)
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
         t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen)
-        total = 0.0
-        bar = tqdm(
-            total=n,
-            desc=f"{cfg.backbone} epoch {epoch}",
-            unit="row",
-            unit_scale=True,
-            disable=not cfg.progress,
-            mininterval=1.0,
-            leave=False,
-        )
-        for start in range(0, n, cfg.batch_size):
-            idx = perm[start : start + cfg.batch_size]
-            total += float(train_step(model, optim, loss_fn, tables, train_data, idx)) * len(idx)
-            bar.update(len(idx))
-        bar.close()
+        train_loss = run_epoch(prepared, optim, torch.randperm(n, generator=gen), cfg, epoch)
         train_seconds = time.perf_counter() - t0
-        valid_probs = predict(model, tables, data["valid"], cfg.eval_batch_size)
-        valid = summarize(data["valid"].frame, valid_probs, top_k=())[
-            "overall"
-        ]  # early stopping needs AUC/logloss only
+        # early stopping needs AUC/logloss only
+        valid = summarize(valid_data.frame, predict(model, prepared.tables, valid_data, cfg.eval_batch_size), top_k=())
         row = {
             "epoch": epoch,
-            "train_loss": total / n,
-            "valid_auc": valid["auc"],
-            "valid_logloss": valid["logloss"],
+            "train_loss": train_loss,
+            "valid_auc": valid["overall"]["auc"],
+            "valid_logloss": valid["overall"]["logloss"],
             "train_seconds": round(train_seconds, 2),
             "samples_per_s": round(n / train_seconds, 1),
         }
@@ -420,49 +419,52 @@ def _train(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, c
         log.info(
             "epoch %d: loss %.4f valid AUC %.4f logloss %.4f (%.1fs, %.0f samples/s)",
             epoch,
-            row["train_loss"],
-            valid["auc"],
-            valid["logloss"],
+            train_loss,
+            row["valid_auc"],
+            row["valid_logloss"],
             train_seconds,
             row["samples_per_s"],
         )
-        score = sign * valid[metric]
-        if not math.isnan(score) and score > best_score + 1e-5:
-            best_score, best_epoch, bad = score, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad += 1
-            if bad > cfg.patience:
-                if best_state is not None:
-                    log.info(
-                        "early stopping after epoch %d (best epoch %d, valid %s %.4f)",
-                        epoch,
-                        best_epoch,
-                        METRIC_NAMES[metric],
-                        sign * best_score,
-                    )
-                break
-    if best_state is None:
+        if stopping.update(epoch, valid["overall"], model):
+            if stopping.best_state is not None:
+                log.info(
+                    "early stopping after epoch %d (best epoch %d, valid %s %.4f)",
+                    epoch,
+                    stopping.best_epoch,
+                    METRIC_NAMES[stopping.metric],
+                    stopping.best_value,
+                )
+            break
+    if stopping.best_state is None:
         raise UserFacingError(
-            f"validation {METRIC_NAMES[metric]} was NaN in all {len(history)} epoch(s) trained: the model's scores "
-            "are not finite (training diverged); try a lower --lr"
+            f"validation {METRIC_NAMES[stopping.metric]} was NaN in all {len(history)} epoch(s) trained: the model's "
+            "scores are not finite (training diverged); try a lower --lr"
         )
-    model.load_state_dict(best_state)
+    model.load_state_dict(stopping.best_state)
     model.eval()
+    return history
+
+
+def _train(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, cfg: TrainConfig) -> TrainResult:
+    started = time.perf_counter()
+    prepared = prepare(dataset, split, snapshot, cfg)
+    stopping = EarlyStopping(early_stopping_metric(prepared.data["valid"]), cfg.patience)
+    history = fit(prepared, cfg, stopping)
+    data = prepared.data
     metrics = {
-        name: summarize(data[name].frame, predict(model, tables, data[name], cfg.eval_batch_size))
+        name: summarize(data[name].frame, predict(prepared.model, prepared.tables, data[name], cfg.eval_batch_size))
         for name in ("valid", "test")
         if len(data[name])
     }
     return TrainResult(
-        model=model,
-        encoder=encoder,
+        model=prepared.model,
+        encoder=prepared.encoder,
         metrics=metrics,
         history=history,
         config=cfg,
         knowledge=snapshot,
         seconds=time.perf_counter() - started,
-        best_epoch=best_epoch,
-        early_stopping=metric,
+        best_epoch=stopping.best_epoch,
+        early_stopping=stopping.metric,
         runtime=runtime_info(),
     )

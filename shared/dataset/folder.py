@@ -1,6 +1,6 @@
 """The dataset folder: the one format every source is imported into and everything downstream reads.
 
-Files (DESIGN section 3):
+Files (docs/architecture.md, Dataset folder):
   scenarios.csv               scenario, description
   items.csv                   item_id, title, category (optional), scenario (optional)
   interactions.csv|.parquet   user_id, item_id, scenario, label | rating (optional), timestamp (optional), extras

@@ -58,10 +58,6 @@ class FeatureEncoder:
         return np.fromiter((lookup.get(v, OOV_INDEX) for v in values), dtype=np.int64, count=len(values))
 
     @property
-    def field_names(self) -> list[str]:
-        return list(self.vocabs)
-
-    @property
     def extra_fields(self) -> list[str]:
         fixed = {USER, ITEM, SCENARIO, CATEGORY}
         return [f for f in self.vocabs if f not in fixed and not f.startswith(USER_PREFIX)]

@@ -1,4 +1,4 @@
-"""LLM4MSR hierarchical meta networks (DESIGN section 4), wrapped around any backbone.
+"""LLM4MSR hierarchical meta networks, wrapped around any backbone (hyper-parameters: llm4msr_config.py).
 
     k_s = P_s e_s,  k_u = P_u e_u                     learned projections of frozen knowledge vectors
     m_s = act(W_s(k_s)^T x + b_s(k_s))                 scenario-level meta layer
@@ -19,53 +19,15 @@ per request. Same function, about half the operations per request.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, field_validator
 from torch import nn
 
 from shared.errors import UserFacingError
-from shared.knowledge.levels import LEVELS, META_LEVELS
+from shared.models.llm4msr_config import LLM4MSRConfig
 
-
-class LLM4MSRConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    levels: list[str] = ["scenario", "user"]
-    placement: Literal["bottom", "parallel", "both"] = "both"
-    knowledge_source: Literal["llm", "id", "random"] = "llm"
-    # Dimension of the raw knowledge vectors (the knowledge space's dim) for the llm source.
-    knowledge_dim: int = 0
-    # LLM vectors are standardized and reduced by a frozen PCA fitted on the snapshot (buffers) to this size
-    # before the learned projection: cheaper per row, and robust to the outlier dimensions of LLM hidden states.
-    reduce_dim: int = 64
-    proj_dim: int = 32
-    meta_dim: int = 32
-    rank: int = 8
-    hyper_hidden: int = 32
-
-    @field_validator("levels")
-    @classmethod
-    def _check_levels(cls, levels: list[str]) -> list[str]:
-        bad = [lv for lv in levels if lv not in LEVELS]
-        if bad:
-            raise UserFacingError(f"unknown knowledge level(s) {bad}; choose from {', '.join(LEVELS)}")
-        if not any(lv in levels for lv in META_LEVELS):
-            raise UserFacingError("LLM4MSR levels must include 'scenario' or 'user' (the meta layers' inputs)")
-        return [lv for lv in LEVELS if lv in levels]  # canonical order
-
-    @property
-    def meta_levels(self) -> list[str]:
-        return [lv for lv in META_LEVELS if lv in self.levels]
-
-    @property
-    def uses_item(self) -> bool:
-        return "item" in self.levels
-
-    @property
-    def interaction(self) -> bool:
-        return self.uses_item and "user" in self.levels
+__all__ = ["LLM4MSR", "LLM4MSRConfig", "ItemFold", "LowRankMetaLayer", "RequestPath"]
 
 
 class LowRankMetaLayer(nn.Module):
@@ -99,7 +61,8 @@ class LowRankMetaLayer(nn.Module):
         )
         return gains, bias
 
-    def apply(self, x: torch.Tensor, gains: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def apply_generated(self, x: torch.Tensor, gains: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The generated layer on x. Not named `apply`: that would hide nn.Module.apply (model.apply(init_fn))."""
         return torch.relu(torch.addmm(bias, self.u(x) * gains, self.v.weight.T))
 
 
@@ -233,7 +196,7 @@ class LLM4MSR(nn.Module):
                         part = layer.part(block, vec[lv], self.proj[lv])
                         pre = part if pre is None else pre + part
                 gains, bias = layer.generate(pre)
-            h = layer.apply(h, gains, bias)
+            h = layer.apply_generated(h, gains, bias)
         # Separate products, not one [B, D+1] product split in two: its odd width and the split (a [B, D+1]
         # gradient concatenation in backward) cost more than the extra [B, m] x [m] product.
         x_out = self.bottom(h).add_(x) if self.bottom is not None else x

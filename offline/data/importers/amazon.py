@@ -13,11 +13,13 @@ import json
 import os
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from offline.data.importers.registry import ImporterSpec
 from shared.dataset.folder import SEQ, Dataset
 from shared.errors import DatasetError, UserFacingError
 
@@ -152,3 +154,32 @@ def import_amazon(
     inter = inter.sort_values(["user_id", "timestamp"], kind="mergesort")[columns].reset_index(drop=True)
     inter[SEQ] = np.arange(len(inter), dtype=np.int64)
     return Dataset(scenarios=scenarios, items=items, interactions=inter, name="amazon")
+
+
+@dataclass(frozen=True)
+class AmazonOptions:
+    reviews: list[str] = field(
+        metadata={"repeat": True, "help": "review file (.json/.jsonl[.gz]); repeat"},
+    )
+    meta: list[str] = field(
+        default_factory=list, metadata={"repeat": True, "help": "metadata file with titles/categories; repeat"}
+    )
+    scenario_names: list[str] | None = field(
+        default=None, metadata={"help": "comma-separated names, one per --reviews file (default: file names)"}
+    )
+    implicit: bool = field(default=False, metadata={"help": "drop ratings: every review is a positive"})
+    min_user_interactions: int = 1
+
+
+def load(options: AmazonOptions) -> Dataset:
+    return import_amazon(
+        options.reviews, options.meta, options.scenario_names, options.implicit, options.min_user_interactions
+    )
+
+
+IMPORTER = ImporterSpec(
+    name="amazon",
+    help="Amazon reviews JSON lines (2018 or 2023 fields), one file per scenario",
+    options_class=AmazonOptions,
+    load=load,
+)

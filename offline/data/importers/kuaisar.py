@@ -10,11 +10,13 @@ Items have no English title; the title is the English category path (plus the ca
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from offline.data.importers.registry import ImporterSpec
 from shared.dataset.folder import SEQ, Dataset, parse_numeric, parse_timestamp
 from shared.errors import DatasetError, UserFacingError
 
@@ -97,3 +99,20 @@ def import_kuaisar(path: str | os.PathLike) -> Dataset:
     # Items appear in both feeds: the scenario column stays empty, and each scenario's item pool is what it showed.
     scenarios = pd.DataFrame({"scenario": list(SCENARIOS), "description": list(SCENARIOS.values())})
     return Dataset(scenarios=scenarios, items=items, interactions=inter, name="kuaisar")
+
+
+@dataclass(frozen=True)
+class KuaiSAROptions:
+    path: str = field(metadata={"positional": True})
+
+
+def load(options: KuaiSAROptions) -> Dataset:
+    return import_kuaisar(options.path)
+
+
+IMPORTER = ImporterSpec(
+    name="kuaisar",
+    help="KuaiSAR rec_inter.csv + src_inter.csv + item_features.csv",
+    options_class=KuaiSAROptions,
+    load=load,
+)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from offline.data.importers.registry import ImporterSpec
 from shared.dataset.folder import SEQ, Dataset, parse_numeric
 from shared.errors import DatasetError, UserFacingError
 
@@ -171,3 +172,24 @@ def import_movielens(path: str | os.PathLike, groups: tuple[GenreGroup, ...] = D
             users["user_id"] = users["user_id"].str.strip()
         return _build(frame, movie_frame, groups, users, root.name)
     raise UserFacingError(f"{root}: no MovieLens files found (expected ratings.csv + movies.csv, or u.data + u.item)")
+
+
+@dataclass(frozen=True)
+class MovieLensOptions:
+    path: str = field(metadata={"positional": True, "help": "folder with the MovieLens files"})
+    genre_groups: str | None = field(
+        default=None, metadata={"help": "JSON list of {scenario, description, genres}: scenario per first match"}
+    )
+
+
+def load(options: MovieLensOptions) -> Dataset:
+    groups = load_genre_groups(options.genre_groups) if options.genre_groups else DEFAULT_GENRE_GROUPS
+    return import_movielens(options.path, groups)
+
+
+IMPORTER = ImporterSpec(
+    name="movielens",
+    help="MovieLens 100K (u.data/u.item) or ratings.csv/movies.csv (latest-small, 25M)",
+    options_class=MovieLensOptions,
+    load=load,
+)

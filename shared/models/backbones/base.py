@@ -21,10 +21,10 @@ from torch import nn
 
 
 class BackboneConfig(BaseModel):
-    """Hyper-parameters of one architecture; subclasses add their own fields."""
+    """Hyper-parameters of one architecture; subclasses add their own fields (the registry names the
+    architecture)."""
 
     model_config = ConfigDict(extra="forbid")
-    name: ClassVar[str] = ""
     dropout: float = 0.0
 
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 
 from shared.models.backbones.base import Backbone, BackboneConfig, StackedLinear, StackedMLP, select
 
 
 class MMoEConfig(BackboneConfig):
-    name: ClassVar[str] = "mmoe"
     experts: int = 4
     expert: list[int] = [64, 32]
     tower: list[int] = [16]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import nn
 
@@ -11,7 +9,6 @@ from shared.models.backbones.base import Backbone, BackboneConfig, StackedLinear
 
 
 class PLEConfig(BackboneConfig):
-    name: ClassVar[str] = "ple"
     levels: int = 2
     shared_experts: int = 2
     specific_experts: int = 1

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 
 from shared.models.backbones.base import Backbone, BackboneConfig, StackedMLP, mlp, select
 
 
 class SharedBottomConfig(BackboneConfig):
-    name: ClassVar[str] = "shared_bottom"
     bottom: list[int] = [128, 64]
     tower: list[int] = [32]
 

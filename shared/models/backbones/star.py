@@ -9,7 +9,6 @@ statistics at test time).
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -18,7 +17,6 @@ from shared.models.backbones.base import Backbone, BackboneConfig, mlp
 
 
 class STARConfig(BackboneConfig):
-    name: ClassVar[str] = "star"
     hidden: list[int] = [128, 64]
     aux_hidden: list[int] = [16]
     scenario_dim: int = 8

@@ -1,0 +1,62 @@
+"""The training configuration, free of torch so that the CLI can build its flags from it cheaply.
+
+Its flat form (`to_dict`, `from_flat`) is what artifacts (config.json's `train`) and compare's run records store:
+the wrapper's hyper-parameters sit beside the training ones, under the keys every earlier version wrote, so
+artifacts and finished compare runs made before stay readable and reusable.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from offline.common import build_config, config_fields
+from shared.models.backbones import backbone_names
+from shared.models.llm4msr_config import LLM4MSRConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    backbone: str = field(default="star", metadata={"choices": backbone_names})
+    # Hyper-parameters of the backbone's config class (validated when the model is built).
+    backbone_params: dict = field(default_factory=dict, metadata={"cli": False})
+    llm4msr: bool = field(default=True, metadata={"help": "the plain backbone, no meta networks"})
+    # The wrapper's settings (used when llm4msr is on); its knowledge_dim is set from the snapshot at build time.
+    wrapper: LLM4MSRConfig = field(default_factory=LLM4MSRConfig)
+    embed_dim: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 2048
+    epochs: int = field(default=10, metadata={"help": "maximum epochs (early stopping on validation AUC)"})
+    patience: int = field(default=1, metadata={"help": "epochs without validation AUC gain before stopping"})
+    seed: int = 0
+    threads: int = field(
+        default=2,
+        metadata={
+            "help": "torch threads; the same seed and thread count give a byte-identical model (recorded in the "
+            "artifact)"
+        },
+    )
+    eval_batch_size: int = field(default=8192, metadata={"cli": False})
+    progress: bool = field(default=True, metadata={"help": "no progress bar"})
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """From the flat form (to_dict's keys, any subset; the rest keep their defaults)."""
+        return build_config(cls, values)
+
+    @classmethod
+    def flat_keys(cls) -> frozenset[str]:
+        return frozenset(config_fields(cls)) - {"knowledge_dim"}
+
+    def to_dict(self) -> dict:
+        """The flat form; knowledge_dim is left out (it belongs to the snapshot, not to the training settings)."""
+        own = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "wrapper"}
+        return {**own, **self.wrapper.model_dump(exclude={"knowledge_dim"})}
+
+    def with_values(self, **values: Any) -> TrainConfig:
+        """A copy with some flat values replaced (e.g. compare's per-run backbone, variant and seed)."""
+        return TrainConfig.from_flat({**self.to_dict(), **values})
