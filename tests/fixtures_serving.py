@@ -73,11 +73,12 @@ def write_snapshot(
     return out
 
 
-def publish(snapshot_dir: Path, redis_url: str, keep_old: int = 1) -> str:
-    """Publishes a snapshot to Redis with the knowledge job's own publisher (flips llm4msr:kn:current)."""
+def publish(snapshot_dir: Path, redis_url: str, keep_old: int = 1, vector_format: str = "float32") -> str:
+    """Publishes a snapshot to Redis with the knowledge job's own publisher (flips llm4msr:kn:current); float32, so
+    that scores compare exactly with the snapshot's (the compact formats have their own tests)."""
     from offline.knowledge.publish import publish_snapshot
 
-    return publish_snapshot(snapshot_dir, redis_url, keep_old=keep_old)
+    return publish_snapshot(snapshot_dir, redis_url, keep_old=keep_old, vector_format=vector_format)
 
 
 @dataclass
@@ -113,7 +114,8 @@ def start_server(
     from tests.conftest import free_port
 
     port = free_port()
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    # One worker unless the test asks for more (LLM4MSR_WORKERS): the default, one per core, is its own test.
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "LLM4MSR_WORKERS": "1", **(env or {})}
     log = open(log_path, "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "llm4msr_cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
@@ -202,11 +204,14 @@ def build_world(
     )
     artifacts = {}
     for name in variants:
+        levels = {"levels": tuple(VARIANT_LEVELS[name])} if VARIANT_LEVELS[name] else {}  # plain: no LLM4MSR at all
+        # The seeded snapshot has no fit user vectors (they matter to training's leakage protocol, not to serving).
+        levels["user_knowledge"] = "full-history"
         artifacts[name] = train_tiny_artifact(
             data_dir,
             vdir if name != "plain" else None,
             root / f"artifact-{name}",
-            levels=tuple(VARIANT_LEVELS[name]),
+            **levels,
             llm4msr=name != "plain",
             epochs=epochs,
             batch_size=512,

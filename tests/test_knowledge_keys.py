@@ -102,8 +102,11 @@ def test_bad_current_pointer_is_refused_and_logged(kn_root, redis_server, caplog
 
 
 def test_corrupt_user_and_item_vectors_are_counted_fallbacks(kn_root, redis_server, caplog):
+    """In float32 (exact values, lengths of 4 * dim); tests/test_knowledge_compact.py has the compact formats."""
+    from offline.knowledge.publish import publish_snapshot
+
     snap = KnowledgeSnapshot(kn_root / "v1")
-    publish(kn_root / "v1", redis_server.url)
+    publish_snapshot(kn_root / "v1", redis_server.url, vector_format="float32")
     r = redis_server.client()
     r.set(K.user_key("v1", "u4"), b"\x00" * 12)
     r.set(K.item_key("v1", "i7"), b"\x00" * 36)
@@ -145,7 +148,7 @@ def test_version_with_a_corrupt_scenario_vector_is_refused(kn_root, redis_server
         # v2 is written completely, then one scenario vector is damaged before readers see it.
         from offline.knowledge.publish import _write_version
 
-        _write_version(r, KnowledgeSnapshot(kn_root / "v2"), 8)
+        _write_version(r, KnowledgeSnapshot(kn_root / "v2"), 8, "float32")
         r.set(K.scenario_key("v2", "home"), b"\x01" * 16)
         with caplog.at_level(logging.ERROR, logger="online.knowledge"):
             r.set(K.CURRENT, "v2")

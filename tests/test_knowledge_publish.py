@@ -1,5 +1,5 @@
 """Publishing snapshots to a real Redis: atomic flip, verification, cleanup, readers during publish, Redis dying
-mid-publish."""
+mid-publish, in every vector format (the default one unless a test is about float32 byte lengths)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from offline.knowledge.publish import publish_snapshot
 from shared.errors import UserFacingError
 from shared.knowledge import keys as K
+from shared.knowledge.levels import LEVELS
 from shared.knowledge.snapshot import (
     DEFAULT_USER_ID,
     KnowledgeSpace,
@@ -21,6 +22,7 @@ from shared.knowledge.snapshot import (
     write_manifest,
     write_table,
 )
+from shared.knowledge.vector_codec import DEFAULT_FORMAT, FLOAT32, FORMATS, VectorCodec, published_codecs
 
 
 def make_snapshot(root: Path, version: str, users: int = 300, items: int = 100, dim: int = 8, seed: int = 0) -> Path:
@@ -43,27 +45,56 @@ def make_snapshot(root: Path, version: str, users: int = 300, items: int = 100, 
     return vdir
 
 
-def test_publish_writes_every_key_then_flips(redis_server, tmp_path):
-    snap = make_snapshot(tmp_path / "kn", "v1")
-    r = redis_server.client()
-    assert publish_snapshot(snap, redis_server.url) == "v1"
-    assert r.get(K.CURRENT) == b"v1"
-    vec = K.decode_vector(r.get(K.user_key("v1", "u5")))
+def codecs_in_redis(r, version: str) -> dict[str, VectorCodec]:
+    """Each level's codec as readers see it: from the version's meta in Redis."""
+    meta = json.loads(r.get(K.meta_key(version)))
+    return published_codecs(meta[K.PUBLISHED], meta["space"]["dim"])
+
+
+@pytest.mark.parametrize("vector_format", FORMATS)
+def test_publish_writes_every_key_then_flips(redis_server, tmp_path, vector_format):
     from shared.knowledge.snapshot import KnowledgeSnapshot
 
+    snap = make_snapshot(tmp_path / "kn", "v1")
+    r = redis_server.client()
+    assert publish_snapshot(snap, redis_server.url, vector_format=vector_format) == "v1"
+    assert r.get(K.CURRENT) == b"v1"
+    meta = json.loads(r.get(K.meta_key("v1")))
+    assert meta[K.PUBLISHED]["vector_format"] == vector_format
+    codecs = codecs_in_redis(r, "v1")
     s = KnowledgeSnapshot(snap)
-    assert np.array_equal(vec, s.users().lookup(["u5"])[0][0])
-    assert np.array_equal(K.decode_vector(r.get(K.default_user_key("v1"))), s.default_user())
+    vec = codecs["user"].decode(r.get(K.user_key("v1", "u5")))
+    row = s.users().lookup(["u5"])[0]
+    assert np.array_equal(vec, codecs["user"].roundtrip(row)[0])
+    if vector_format == FLOAT32:
+        assert np.array_equal(vec, row[0]) and np.array_equal(K.decode_vector(r.get(K.user_key("v1", "u5"))), row[0])
+    else:
+        assert not np.array_equal(vec, row[0]) and np.allclose(vec, row[0], atol=0.05)
+    default = codecs["user"].decode(r.get(K.default_user_key("v1")))
+    assert np.array_equal(default, codecs["user"].roundtrip(s.default_user())[0])
     assert r.get(K.response_key("v1", "user", "u5")) == b"v1 answer for u5"
     assert r.get(K.response_key("v1", "scenario", "s1")) == b"v1 answer for s1"
     assert r.get(K.response_key("v1", "item", "i1")) is None  # items have no answer
-    meta = json.loads(r.get(K.meta_key("v1")))
     assert meta["version"] == "v1"
     assert meta[K.PUBLISHED]["counts"] == {"scenarios": 3, "users": 300, "items": 100}
     assert meta[K.PUBLISHED]["id_chunks"] == {"scenarios": 1, "users": 1, "items": 1} and meta[K.PUBLISHED]["dim"] == 8
     assert json.loads(r.get(K.ids_key("v1", "user", 0))) == s.users().ids
     # vectors + answers (users, scenarios) + id lists (3 levels) + default user + meta
     assert len(list(r.scan_iter(match=K.version_pattern("v1")))) == 3 + 300 + 100 + 300 + 3 + 3 + 2
+    assert {r.strlen(K.user_key("v1", f"u{i}")) for i in range(300)} == {codecs["user"].nbytes}
+
+
+def test_default_format_is_int8_and_refresh_uses_it(redis_server, tmp_path):
+    """The refresh job calls publish_snapshot(path, url, keep_old=...): what it gets is the measured default."""
+    publish_snapshot(make_snapshot(tmp_path / "kn", "v1"), redis_server.url, keep_old=1)
+    assert DEFAULT_FORMAT == "int8"
+    assert codecs_in_redis(redis_server.client(), "v1")["user"].format == DEFAULT_FORMAT
+
+
+def test_unknown_vector_format_is_refused_before_redis(redis_server, tmp_path):
+    with pytest.raises(UserFacingError, match="unknown vector format 'int4'; choose one of float32, float16, int8"):
+        publish_snapshot(make_snapshot(tmp_path / "kn", "v1"), redis_server.url, vector_format="int4")
+    assert redis_server.client().dbsize() == 0
 
 
 def test_keeps_one_old_version(redis_server, tmp_path):
@@ -185,11 +216,12 @@ def assert_version_intact(r, snap_dir: Path) -> None:
     from shared.knowledge.snapshot import KnowledgeSnapshot
 
     s = KnowledgeSnapshot(snap_dir)
-    for level in ("scenario", "user", "item"):
+    codecs = codecs_in_redis(r, s.version)
+    for level in LEVELS:
         t = s.table(level)
         values = r.mget([K.vector_key(s.version, level, i) for i in t.ids])
-        assert all(v == K.encode_vector(e) for v, e in zip(values, t.embeddings, strict=True)), level
-    assert r.get(K.default_user_key(s.version)) == K.encode_vector(s.default_user())
+        assert values == codecs[level].encode_rows(t.embeddings), level
+    assert r.get(K.default_user_key(s.version)) == codecs["user"].encode(s.default_user())
 
 
 def test_snapshot_with_short_vectors_fails_before_the_flip(redis_server, tmp_path):
@@ -224,7 +256,7 @@ def test_verification_reads_every_vector_length_back(redis_server, tmp_path):
 
     r = redis_server.client()
     snap = KnowledgeSnapshot(make_snapshot(tmp_path / "kn", "v1", users=3000))
-    _write_version(r, snap, 8)
+    _write_version(r, snap, 8, FLOAT32)
     _verify(r, snap, 8)  # as written: passes
     rows = np.random.default_rng(0).choice(3000, size=64, replace=False)  # the sample _verify compares
     victim = next(f"u{j}" for j in range(2999, 0, -1) if j not in set(rows.tolist()))
@@ -239,6 +271,13 @@ def test_verification_reads_every_vector_length_back(redis_server, tmp_path):
     r.set(K.item_key("v1", "i99"), K.encode_vector(snap.items().embeddings[99]))
     r.set(K.ids_key("v1", "scenario", 0), json.dumps(["s0", "s1"]))
     with pytest.raises(UserFacingError, match="scenario id list in Redis differs"):
+        _verify(r, snap, 8)
+
+    # In a compact format the expected length is the format's: int8 = 4-byte scale + 8 codes.
+    _write_version(r, snap, 8, "int8")
+    _verify(r, snap, 8)
+    r.set(K.user_key("v1", victim), r.get(K.user_key("v1", victim))[:8])
+    with pytest.raises(UserFacingError, match=rf"user '{victim}' has 8 bytes in Redis, expected 12 \(int8, dim 8\)"):
         _verify(r, snap, 8)
 
 
@@ -289,7 +328,8 @@ def test_id_lists_are_chunked_and_the_reader_never_scans(redis_server, tmp_path,
             store.stop()
         expected = KnowledgeSnapshot(snap).items()
         assert kv.items.ids == expected.ids[:limit] and kv.items_complete is complete
-        np.testing.assert_array_equal(kv.items.matrix, expected.embeddings[:limit])
+        stored = codecs_in_redis(r, "v1")["item"].roundtrip(expected.embeddings[:limit])
+        np.testing.assert_array_equal(kv.items.matrix, stored)
         assert sorted(kv.scenarios) == ["s0", "s1", "s2"]
     stats = r.info("commandstats")
     assert "cmdstat_scan" not in stats and stats["cmdstat_mget"]["calls"] >= 2

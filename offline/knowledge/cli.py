@@ -12,6 +12,7 @@ from offline.knowledge.build_config import KnowledgeConfig
 from offline.knowledge.executors import EXECUTORS
 from offline.knowledge.options import add_dataclass_args, dataclass_from_args
 from offline.knowledge.prompts import PromptConfig
+from shared.knowledge.vector_codec import DEFAULT_FORMAT, FORMATS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("snapshot", help="version folder or knowledge root (its LATEST)")
     p.add_argument("--redis-url", default=os.environ.get("LLM4MSR_REDIS_URL"), help="env LLM4MSR_REDIS_URL")
     p.add_argument("--keep-old", type=int, default=1, help="older versions kept for rollback")
+    p.add_argument(
+        "--vector-format",
+        choices=FORMATS,
+        default=DEFAULT_FORMAT,
+        help="how vectors are stored: int8 (a per-vector scale after per-dimension standardization, about 3.5x "
+        "smaller than float32), float16 or float32 (deploy/redis-cluster.md)",
+    )
     p.set_defaults(handler=_publish)
 
     s = ksub.add_parser("show", help="print a user's (or scenario's/item's) prompt, answer and vector norm")
@@ -34,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--user")
     g.add_argument("--scenario")
     g.add_argument("--item")
+    s.add_argument("--fit", action="store_true", help="with --user: the training-only fit prompt and its vector")
     s.set_defaults(handler=_show)
 
 
@@ -55,7 +64,9 @@ def add_build_args(b, skip: frozenset[str] = frozenset()) -> None:
     for backend_config in _backend_config_subclasses():
         add_dataclass_args(b, backend_config, exclude={f.name for f in dataclasses.fields(BackendConfig)})
     add_dataclass_args(b, PromptConfig)
-    add_dataclass_args(b, KnowledgeConfig, only=("reduce_dim", "new_space", "incremental", "shard_size", "progress"))
+    add_dataclass_args(
+        b, KnowledgeConfig, only=("fit_share", "reduce_dim", "new_space", "incremental", "shard_size", "progress")
+    )
     add_split_args(b)
 
 
@@ -118,16 +129,22 @@ def _publish(args: argparse.Namespace) -> int:
 
     if not args.redis_url:
         raise UserFacingError("--redis-url (or LLM4MSR_REDIS_URL) is required to publish")
-    version = publish_snapshot(args.snapshot, args.redis_url, keep_old=args.keep_old)
+    version = publish_snapshot(args.snapshot, args.redis_url, keep_old=args.keep_old, vector_format=args.vector_format)
     print(f"published knowledge {version} to {redact_url(args.redis_url)}")
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
     from offline.knowledge.show import show
+    from shared.errors import UserFacingError
+    from shared.knowledge.snapshot import USER_FIT
 
-    level, id_ = (
+    table, id_ = (
         ("user", args.user) if args.user else ("scenario", args.scenario) if args.scenario else ("item", args.item)
     )
-    print(show(args.snapshot, level, id_))
+    if args.fit:
+        if table != "user":
+            raise UserFacingError("--fit shows a user's fit prompt: use it with --user")
+        table = USER_FIT
+    print(show(args.snapshot, table, id_))
     return 0

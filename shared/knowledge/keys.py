@@ -1,17 +1,24 @@
-"""Redis key layout of published knowledge (DESIGN section 5); readers and the publisher share these names.
+"""Redis key layout of published knowledge (docs/architecture.md, Redis keys); readers and the publisher share
+these names.
 
   llm4msr:kn:current                      the version readers serve (one SET flips it)
   llm4msr:kn:versions                     fully written versions, newest last (what cleanup may delete)
-  llm4msr:kn:<version>:meta               manifest JSON, plus "published": {"counts", "id_chunks", "dim", ...}
+  llm4msr:kn:<version>:meta               manifest JSON, plus "published": {"counts", "id_chunks", "dim",
+                                          "vector_format", "codecs", ...}
   llm4msr:kn:<version>:ids:<level>:<n>    JSON list of the level's ids, chunk n (ID_CHUNK ids per key; level is
                                           scenarios|users|items): readers discover ids here and never SCAN
-  llm4msr:kn:<version>:{u,s,i}:<id>       vector: little-endian float32, exactly 4 * dim bytes
+  llm4msr:kn:<version>:{u,s,i}:<id>       vector in the version's format (shared/knowledge/vector_codec.py):
+                                          float32 (4 * dim bytes), float16 (2 * dim) or int8 (4 + dim)
   llm4msr:kn:<version>:r{u,s,i}:<id>      the LLM's answer text (for /explain), where there is one
   llm4msr:kn:<version>:default_user       the cold-start user vector
 
 A version name is `VERSION_RE` (what `llm4msr knowledge build` writes, e.g. 20240101T000000Z-1a2b3c4d): it goes
 into key names and into the publisher's `SCAN MATCH llm4msr:kn:<version>:*`, so glob characters or ':' in it
 could reach (and on cleanup delete) other versions' keys. `validate_version` guards every entry point.
+
+No key carries a hash tag ({...}) for its version: on a Redis Cluster a version's keys spread over every slot and
+node (shared/knowledge/redis_conn.py splits multi-key commands accordingly); `current` and `versions` are single
+keys, so the flip stays one atomic SET.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import numpy as np
 
 from shared.errors import UserFacingError
 from shared.knowledge.levels import table_name
+from shared.knowledge.vector_codec import VectorLengthError, float32_codec, value_bytes
 
 PREFIX = "llm4msr:kn"
 CURRENT = f"{PREFIX}:current"
@@ -97,22 +105,19 @@ def version_pattern(version: str) -> str:
 
 
 def encode_vector(vec: np.ndarray) -> bytes:
-    """Little-endian float32 bytes."""
+    """Little-endian float32 bytes (the float32 format; other formats: shared/knowledge/vector_codec.py)."""
     return np.asarray(vec, dtype="<f4").tobytes()
 
 
-class VectorLengthError(ValueError):
-    """A stored vector whose byte length does not match the version's dimension."""
-
-
 def vector_bytes(dim: int) -> int:
-    return 4 * int(dim)
+    """The byte length of a float32 vector."""
+    return value_bytes("float32", dim)
 
 
 def decode_vector(data: bytes, dim: int | None = None) -> np.ndarray:
     """The float32 vector; with `dim`, a value of any other length raises VectorLengthError (corrupt key)."""
-    if dim is not None and len(data) != vector_bytes(dim):
-        raise VectorLengthError(f"{len(data)} bytes, expected {vector_bytes(dim)} (dim {dim})")
+    if dim is not None:
+        return float32_codec(dim).decode(data)
     if len(data) % 4:
         raise VectorLengthError(f"{len(data)} bytes is not a whole number of float32 values")
     return np.frombuffer(data, dtype="<f4").astype(np.float32)
