@@ -20,6 +20,8 @@ register_backbone("shared_bottom", "shared.models.backbones.shared_bottom:Shared
 register_backbone("mmoe", "shared.models.backbones.mmoe:MMoE")
 register_backbone("ple", "shared.models.backbones.ple:PLE")
 register_backbone("star", "shared.models.backbones.star:STAR")
+register_backbone("pepnet", "shared.models.backbones.pepnet:PEPNet")
+register_backbone("m2m", "shared.models.backbones.m2m:M2M")
 
 __all__ = [
     "BackboneSpec",

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from shared.models.backbones.base import Backbone, BackboneConfig, mlp
+from shared.models.backbones.base import Backbone, BackboneConfig, mlp, single_scenario
 
 
 class STARConfig(BackboneConfig):
@@ -22,17 +22,6 @@ class STARConfig(BackboneConfig):
     scenario_dim: int = 8
     momentum: float = 0.1
     eps: float = 1e-5
-
-
-def _single_scenario(scenario: torch.Tensor) -> int | None:
-    """The scenario index when every row has the same one (the serving path: one request), else None.
-
-    The fast paths it enables compute the same values as the general ones up to float rounding (~1e-7).
-    """
-    if scenario.numel() == 0:
-        return None
-    first = scenario[:1]
-    return int(first) if bool((scenario == first).all()) else None
 
 
 class PartitionedNorm(nn.Module):
@@ -65,7 +54,7 @@ class PartitionedNorm(nn.Module):
                     self.running_mean[s].lerp_(m.detach(), self.momentum)
                     self.running_var[s].lerp_(xs.detach().var(0, unbiased=True), self.momentum)
         else:
-            one = _single_scenario(scenario)
+            one = single_scenario(scenario)
             if one is not None:  # a ranking request (one scenario for all rows): one fused affine map
                 scale = torch.rsqrt(self.running_var[one] + self.eps) * (self.gamma * self.gamma_s[one])
                 shift = self.beta + self.beta_s[one] - self.running_mean[one] * scale
@@ -88,7 +77,7 @@ class StarLinear(nn.Module):
         self.b_s = nn.Parameter(torch.zeros(n_scenarios, out_dim))
 
     def forward(self, x: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
-        one = _single_scenario(scenario)
+        one = single_scenario(scenario)
         if one is not None:  # a ranking request (one scenario for all rows): one scenario's matmul, not all S
             return torch.addmm(self.b_shared + self.b_s[one], x, self.w_shared * self.w_s[one])
         s, i, o = self.w_s.shape
