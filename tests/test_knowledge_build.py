@@ -24,8 +24,7 @@ from offline.knowledge.backends.base import BackendConfig
 from offline.knowledge.build import KnowledgeConfig, run_build
 from offline.knowledge.local_executor import LocalExecutor
 from shared.errors import DatasetError
-from shared.knowledge.levels import table_name
-from shared.knowledge.snapshot import LATEST, MANIFEST, KnowledgeSnapshot
+from shared.knowledge.snapshot import LATEST, MANIFEST, USER_FIT, KnowledgeSnapshot, stored_name
 from tests.required import require
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +130,8 @@ def test_incremental_recomputes_only_changed_users(synth200, tiny_model, tmp_pat
     assert m.parent_version == parent.version
     assert m.computed == {"scenario": 0, "user": 2, "item": 0}
     assert m.reused["user"] == 198
-    assert counts == {"embed": 2}  # the LLM saw exactly the two changed users
+    assert (m.fit_counts.computed, m.fit_counts.reused) == (2, 198)  # the oldest click is in the early history
+    assert counts == {"embed": 4}  # the LLM saw exactly the two changed users (serve and fit prompts)
     child = KnowledgeSnapshot(second.path)
     for u in sorted(set(parent.users().ids) - set(changed))[:50]:
         assert np.array_equal(child.users().lookup([u])[0], parent.users().lookup([u])[0])
@@ -163,6 +163,8 @@ def test_kill_9_then_resume_equals_uninterrupted(synth200, tiny_model, tmp_path)
         "--shard-size",
         "4",
         "--no-progress",
+        "--fit-share",  # the old protocol: the fit table's resume is tests/test_knowledge_fit.py's (half the time)
+        "0",
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
@@ -188,8 +190,10 @@ def test_kill_9_then_resume_equals_uninterrupted(synth200, tiny_model, tmp_path)
 
     recomputed = []
     args = build_parser().parse_args([*argv, "--out", str(out)])
-    resumed = run_build(config_from_args(args), on_shard=lambda lvl, ph, k: recomputed.append(f"{lvl}-{ph}-{k:05d}"))
-    assert not finished_before & {f"{name}.parquet" for name in recomputed}, "finished shards were recomputed"
+    resumed = run_build(
+        config_from_args(args), on_shard=lambda t, ph, k: recomputed.append(f"{stored_name(t)}-{ph}-{k:05d}.parquet")
+    )
+    assert recomputed and not finished_before & set(recomputed), "finished shards were recomputed"
     assert len(list(out.iterdir())) == 2  # one version + LATEST
 
     args = build_parser().parse_args([*argv, "--out", str(tmp_path / "clean")])
@@ -254,9 +258,9 @@ def test_truncation_is_counted_warned_once_and_max_length_defines_the_space(
     snap = KnowledgeSnapshot(cut.path)
     prompts = pq.read_table(cut.path / PROMPTS_FILE).to_pandas()
     want = {}
-    for level in ("scenario", "user", "item"):
+    for level in ("scenario", "user", USER_FIT, "item"):
         table = snap.table(level)
-        texts = prompts[prompts.level == table_name(level)].set_index("id").loc[table.ids, "prompt"].tolist()
+        texts = prompts[prompts.level == stored_name(level)].set_index("id").loc[table.ids, "prompt"].tolist()
         if level == "item":
             want["item_embed"] = _over(tok, texts, limit, chat=False)
             continue
@@ -289,20 +293,22 @@ def test_truncation_is_counted_warned_once_and_max_length_defines_the_space(
 
 
 def test_manifest_from_before_the_new_fields_loads_and_refreshes(synth_dir, tiny_model, tmp_path):  # noqa: F811
-    """Snapshots written before max_length, dtype, hardware and truncated were recorded keep their space id and stay
-    the parent of the next incremental build."""
-    first = run_build(_config(synth_dir, tmp_path / "kn", tiny_model))
+    """Snapshots written before max_length, dtype, hardware, truncated and the fit vectors were recorded keep their
+    space id and stay the parent of the next incremental build, which computes the fit vectors they lack."""
+    first = run_build(_config(synth_dir, tmp_path / "kn", tiny_model, fit_share=0))
     file = first.path / MANIFEST
     data = json.loads(file.read_text())
-    for key in ("dtype", "hardware", "truncated"):
+    for key in ("dtype", "hardware", "truncated", "fit_share", "fit_counts"):
         del data[key]
     del data["space"]["max_length"]
     file.write_text(json.dumps(data))
     old = KnowledgeSnapshot(first.path)
     assert old.space.id == data["space"]["id"] == first.manifest.space.id and old.space.max_length == 2048
     assert (old.manifest.dtype, old.manifest.hardware, old.manifest.truncated) == ("", {}, {})
+    assert old.manifest.fit_share is None and not old.has_fit_vectors
     again = run_build(_config(synth_dir, tmp_path / "kn", tiny_model))
     assert again.manifest.parent_version == old.version and again.manifest.computed["user"] == 0
+    assert again.manifest.fit_counts.computed == len(old.users().ids) and again.manifest.fit_counts.reused == 0
     assert again.manifest.space.id == old.space.id
 
 
@@ -329,7 +335,7 @@ def test_ray_engine_matches_local(synth_dir, tiny_model, tmp_path):  # noqa: F81
             ray.shutdown()
     a, b = KnowledgeSnapshot(local.path), KnowledgeSnapshot(distributed.path)
     assert b.manifest.extra["engine"] == "ray"
-    for level in ("user", "item", "scenario"):
+    for level in ("user", USER_FIT, "item", "scenario"):
         assert a.table(level).ids == b.table(level).ids
         assert np.allclose(a.table(level).embeddings, b.table(level).embeddings, atol=1e-5)
 
@@ -380,6 +386,17 @@ def test_cli_build_and_show_with_smollm2(tmp_path):
     assert "--- prompt ---" in show.stdout and "interests in each scenario" in show.stdout
     norm = float(np.linalg.norm(snap.users().lookup([user])[0][0]))
     assert f"norm {norm:.4f}" in show.stdout
+    fit = subprocess.run(
+        [sys.executable, "-m", "llm4msr_cli", "knowledge", "show", str(tmp_path / "kn"), "--user", user, "--fit"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
+    assert fit.returncode == 0, fit.stderr
+    fit_norm = float(np.linalg.norm(snap.fit_users().lookup([user])[0][0]))
+    assert f"norm {fit_norm:.4f}" in fit.stdout and "fit share 0.7" in fit.stdout and fit_norm != norm
     manifest = json.loads((snap.path / MANIFEST).read_text())
     assert (
         manifest["space"]["template_sha256"]

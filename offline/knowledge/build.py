@@ -14,6 +14,11 @@ same batches, so the result equals an uninterrupted run. The manifest is written
 Incremental: a row whose prompt hash equals the one in the previous version (same knowledge space and generation
 settings) keeps its vector and answer without an LLM call.
 
+Fit user vectors (`fit_share` > 0, the leak-free training protocol): a fourth table, USER_FIT, whose prompts are the
+user template over each user's early train history (offline/data/fit_cutoff.py). It goes through every step like a
+level (generated and embedded in the same mode, resumed, reused by prompt hash, reduced with the same reducer) but
+is written as users_fit.parquet for training only; it is not part of the knowledge space.
+
 Texts longer than the backend's max_length are cut to it (the same way by both backends); the build counts them per
 level and phase, warns once with the total, and records the counts in the manifest and the summary line.
 """
@@ -36,7 +41,7 @@ from offline.knowledge.build_write import write_tables, write_version
 from offline.knowledge.executor import Executor
 from offline.knowledge.executors import make_executor
 from shared.knowledge.levels import LEVELS, table_name
-from shared.knowledge.snapshot import Manifest
+from shared.knowledge.snapshot import USER_FIT, Manifest, stored_name
 
 # Imported from here by other code: the config, and the version naming (tests/test_knowledge_keys.py).
 __all__ = ["BuildResult", "KnowledgeConfig", "_new_version", "load_token_counter", "plan_shards", "run_build"]
@@ -51,17 +56,25 @@ class BuildResult:
     seconds: float
 
     def summary(self) -> str:
+        """One line; its users/s are the computed serve users over the whole build's time (fit phase included)."""
         m = self.manifest
         parts = [
             f"{table_name(lvl)} {m.counts.get(lvl, 0)} ({m.computed.get(lvl, 0)} computed, {m.reused.get(lvl, 0)} reused)"
             for lvl in LEVELS
         ]
+        if m.fit_counts is not None:
+            fit = m.fit_counts
+            parts.insert(
+                2,
+                f"{stored_name(USER_FIT)} {fit.count} ({fit.computed} computed, {fit.reused} reused; "
+                f"fit share {m.fit_share})",
+            )
         users = m.computed.get("user", 0)
         rate = users / self.seconds if self.seconds > 0 else 0.0
         return (
             f"knowledge {m.version}: " + ", ".join(parts) + f"; dim {m.space.dim}, space {m.space.id}, "
             f"{m.backend} {m.dtype}, {sum(m.truncated.values())} texts cut to {m.space.max_length} tokens, "
-            f"{self.seconds:.1f} s ({rate:.2f} computed users/s) -> {self.path}"
+            f"{self.seconds:.1f} s ({rate:.2f} computed serve users/s) -> {self.path}"
         )
 
 
@@ -73,7 +86,7 @@ def run_build(
     """Builds (or resumes) one snapshot version under config.out.
 
     executor_factory: starts the executor of the LLM work (default: the configured engine from the registry);
-    on_shard(level, phase, k) follows each shard as it is written.
+    on_shard(table, phase, k) follows each shard as it is written (table: a level or USER_FIT).
     """
     start = time.perf_counter()
     plan = plan_build(config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from offline.data.fit_cutoff import DEFAULT_FIT_SHARE
 from offline.data.split import SplitConfig
 from offline.knowledge.backends.base import MODES, POOLINGS, BackendConfig
 from offline.knowledge.executor import ExecutorConfig
@@ -38,7 +39,20 @@ class KnowledgeConfig:
         default=True, metadata=cli(flag="--full", help="recompute every vector (no incremental reuse)")
     )
     shard_size: int = field(default=256, metadata=cli(help="rows per resumable shard"))
+    # The leak-free protocol's fit user vectors: prompts from each user's earliest share of train interactions
+    # (offline/data/fit_cutoff.py), stored as users_fit.parquet for training only. 0 = none (old protocol).
+    fit_share: float = field(
+        default=DEFAULT_FIT_SHARE,
+        metadata=cli(
+            help=f"also build training-only user vectors from this earliest share of each user's train history "
+            f"(default {DEFAULT_FIT_SHARE}; 0: none, the old protocol)"
+        ),
+    )
     progress: bool = True
+
+    @property
+    def builds_fit_vectors(self) -> bool:
+        return self.fit_share > 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -57,5 +71,7 @@ class KnowledgeConfig:
             raise UserFacingError("--reduce-dim must be positive")
         if self.shard_size < 1:
             raise UserFacingError("shard size must be positive")
+        if self.fit_share != 0 and not 0 < self.fit_share < 1:
+            raise UserFacingError(f"--fit-share must be 0 (no fit user vectors) or in (0, 1), got {self.fit_share}")
         if self.backend.max_length < 1:
             raise UserFacingError(f"--max-length must be positive, got {self.backend.max_length}")

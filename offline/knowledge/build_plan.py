@@ -13,21 +13,23 @@ from pathlib import Path
 
 import numpy as np
 
-from offline.data.split import make_split
+from offline.data.fit_cutoff import fit_history
+from offline.data.split import Split, make_split
 from offline.knowledge import prompts as P
 from offline.knowledge.backends.base import DtypeChoice, resolve_dtype
 from offline.knowledge.build_config import KnowledgeConfig
 from offline.knowledge.build_shards import BUILD_KEY_FILE, WORK
-from shared.dataset.folder import read_dataset
+from shared.dataset.folder import Dataset, read_dataset
 from shared.errors import UserFacingError
-from shared.knowledge.levels import LEVELS, META_LEVELS
-from shared.knowledge.snapshot import LATEST, MANIFEST, KnowledgeSnapshot
+from shared.knowledge.levels import META_LEVELS
+from shared.knowledge.snapshot import LATEST, MANIFEST, TABLES, USER_FIT, KnowledgeSnapshot
 
 log = logging.getLogger(__name__)
 
 REDUCER_FILE = "reducer.safetensors"
 
-# level -> id -> (the LLM's answer, "" in encode mode; the raw pooled vector): what the phases computed.
+# table (a level or USER_FIT) -> id -> (the LLM's answer, "" in encode mode; the raw pooled vector): what the
+# phases computed.
 RawVectors = dict[str, dict[str, tuple[str, np.ndarray]]]
 
 
@@ -46,10 +48,13 @@ class SpaceKey:
 
 
 @dataclass
-class LevelWork:
-    """One level's rows: ids (sorted), texts, prompt hashes, and what the parent already has."""
+class TableWork:
+    """One table's rows: ids (sorted), texts, prompt hashes, and what the parent already has.
 
-    level: str
+    table is a level, or USER_FIT: the user level's prompts made from the early train history only.
+    """
+
+    table: str
     ids: list[str]
     texts: list[str]
     hashes: list[str]
@@ -63,7 +68,7 @@ class LevelWork:
 @dataclass(frozen=True)
 class BuildPlan:
     """Everything the later steps read: the settings (dtype resolved), the inputs' fingerprints, the rows to compute
-    or reuse per level, and the version folder."""
+    or reuse per table, and the version folder."""
 
     config: KnowledgeConfig
     dtype: DtypeChoice
@@ -78,7 +83,8 @@ class BuildPlan:
     parent: KnowledgeSnapshot | None
     # Copy the parent's reducer instead of fitting one (same space, same --reduce-dim).
     reuse_reducer: bool
-    levels: dict[str, LevelWork]
+    # Per table, in TABLES order (USER_FIT only when the build makes fit vectors).
+    tables: dict[str, TableWork]
     version_dir: Path
 
     @property
@@ -110,11 +116,7 @@ def plan_build(config: KnowledgeConfig) -> BuildPlan:
     config = replace(config, backend=replace(config.backend, dtype=dtype.dtype))
 
     count_tokens, model_path, model_name = load_token_counter(config.backend.model)
-    texts = {
-        "scenario": P.scenario_prompts(dataset),
-        "user": P.user_prompts(dataset, split, config.prompts, count_tokens),
-        "item": P.item_texts(dataset),
-    }
+    texts = _texts(dataset, split, config, count_tokens)
     raw_dim = _model_hidden_size(model_path)
     space_key = SpaceKey(
         model_name, P.template_sha256(config.prompts), config.pooling, config.mode, config.backend.max_length
@@ -123,10 +125,8 @@ def plan_build(config: KnowledgeConfig) -> BuildPlan:
     root = Path(config.out)
     root.mkdir(parents=True, exist_ok=True)
     parent, reuse_reducer = _usable_parent(root, config, space_key, generation)
-    levels = {
-        level: _level_work(level, texts[level], config.mode == "generate" and level in META_LEVELS, parent)
-        for level in LEVELS
-    }
+    generated = (*META_LEVELS, USER_FIT) if config.mode == "generate" else ()
+    tables = {table: _table_work(table, texts[table], table in generated, parent) for table in TABLES if table in texts}
     build_key = _sha(
         {
             "dataset": dataset.fingerprint(),
@@ -140,6 +140,8 @@ def plan_build(config: KnowledgeConfig) -> BuildPlan:
             "new_space": config.new_space,
             "parent": parent.version if parent else None,
             "shard_size": config.shard_size,
+            # Only when there are fit vectors: the key of a --fit-share 0 build is what it was before them.
+            **({"fit_share": config.fit_share} if config.builds_fit_vectors else {}),
         }
     )
     return BuildPlan(
@@ -154,9 +156,24 @@ def plan_build(config: KnowledgeConfig) -> BuildPlan:
         generation=generation,
         parent=parent,
         reuse_reducer=reuse_reducer,
-        levels=levels,
+        tables=tables,
         version_dir=_version_dir(root, build_key),
     )
+
+
+def _texts(
+    dataset: Dataset, split: Split, config: KnowledgeConfig, count_tokens: P.TokenCounter
+) -> dict[str, dict[str, str]]:
+    """table -> id -> the text the LLM gets; the fit table's prompts use the same template on the early history."""
+    texts = {
+        "scenario": P.scenario_prompts(dataset),
+        "user": P.user_prompts(dataset, split, config.prompts, count_tokens),
+        "item": P.item_texts(dataset),
+    }
+    if config.builds_fit_vectors:
+        early = fit_history(split, config.fit_share)
+        texts[USER_FIT] = P.user_prompts(dataset, split, config.prompts, count_tokens, history=early)
+    return texts
 
 
 def _sha(obj) -> str:
@@ -227,12 +244,13 @@ def _find_parent(root: Path, space_key: SpaceKey, generation: dict) -> Knowledge
     return parent
 
 
-def _level_work(level: str, texts: dict[str, str], generate: bool, parent: KnowledgeSnapshot | None) -> LevelWork:
-    """The level's rows in id order; rows whose prompt hash equals the parent's keep its answer and vector."""
+def _table_work(table: str, texts: dict[str, str], generate: bool, parent: KnowledgeSnapshot | None) -> TableWork:
+    """The table's rows in id order; rows whose prompt hash equals the parent's keep its answer and vector (a parent
+    without fit vectors lends none to the fit table)."""
     ids = sorted(texts)
-    work = LevelWork(level, ids, [texts[i] for i in ids], [P.prompt_sha256(texts[i]) for i in ids], generate)
-    if parent is not None:
-        ptable = parent.table(level)
+    work = TableWork(table, ids, [texts[i] for i in ids], [P.prompt_sha256(texts[i]) for i in ids], generate)
+    if parent is not None and (table != USER_FIT or parent.has_fit_vectors):
+        ptable = parent.table(table)
         for j, p in enumerate(ptable.positions(ids)):
             if p >= 0 and ptable.prompt_sha256[p] == work.hashes[j]:
                 work.reused[ids[j]] = (ptable.responses[p], ptable.embeddings[p])

@@ -70,7 +70,8 @@ class Reduction:
 
 def reduce_step(plan: BuildPlan, computed: RawVectors) -> Reduction:
     """Copies the parent's reducer (same space) or fits a new one on the computed user and item vectors, into the
-    version folder; the space records its hash and dimension."""
+    version folder; the space records its hash and dimension. The fit user vectors are left out of the fit (the
+    space does not depend on --fit-share) and reduced with the same reducer when written."""
     config = plan.config
     reducer: Reducer | None = None
     dim = plan.raw_dim

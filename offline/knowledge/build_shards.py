@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shared.knowledge.levels import table_name
+from shared.knowledge.snapshot import stored_name
 
 WORK = "_work"
 BUILD_KEY_FILE = "build.json"
@@ -26,9 +26,9 @@ def plan_shards(pending: list[int], lengths: list[int], shard_size: int) -> list
     return [order[s : s + shard_size] for s in range(0, len(order), shard_size)]
 
 
-def shard_path(work_dir: Path, level: str, phase: str, k: int) -> Path:
-    """phase is "gen" or "emb"."""
-    return work_dir / f"{table_name(level)}-{phase}-{k:05d}.parquet"
+def shard_path(work_dir: Path, table: str, phase: str, k: int) -> Path:
+    """table is a level or USER_FIT (files "users_fit-..."); phase is "gen" or "emb"."""
+    return work_dir / f"{stored_name(table)}-{phase}-{k:05d}.parquet"
 
 
 def write_shard(path: Path, ids: list[str], responses: list[str], emb: np.ndarray | None) -> None:

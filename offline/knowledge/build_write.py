@@ -1,6 +1,6 @@
-"""The write step of a build: the level tables, the cold-start user vector and the prompts beside them, then the
-manifest (last: it makes the version visible) and LATEST; the work files and abandoned builds go
-(docs/architecture.md, Knowledge snapshot)."""
+"""The write step of a build: the level tables and the fit user table, the cold-start user vector and the prompts
+beside them, then the manifest (last: it makes the version visible) and LATEST; the work files and abandoned builds
+go (docs/architecture.md, Knowledge snapshot)."""
 
 from __future__ import annotations
 
@@ -16,50 +16,53 @@ import pyarrow.parquet as pq
 
 from offline.knowledge import prompts as P
 from offline.knowledge.build_phases import ComputedKnowledge
-from offline.knowledge.build_plan import BuildPlan, LevelWork, RawVectors
+from offline.knowledge.build_plan import BuildPlan, RawVectors, TableWork
 from offline.knowledge.build_reduce import Reduction
 from offline.knowledge.build_shards import BUILD_KEY_FILE, WORK
 from offline.knowledge.show import PROMPTS_FILE
-from shared.knowledge.levels import LEVELS, table_name
+from shared.knowledge.levels import LEVELS
 from shared.knowledge.snapshot import (
     DEFAULT_USER_ID,
     DEFAULTS,
     MANIFEST,
+    USER_FIT,
     KnowledgeTable,
     Manifest,
+    TableCounts,
+    stored_name,
     write_manifest,
     write_table,
 )
 
 
 @dataclass(frozen=True)
-class LevelCounts:
-    """Rows per level in the new version: all of them, computed by the LLM in this build, reused from the parent."""
+class WrittenCounts:
+    """Rows per table in the new version: all of them, computed by the LLM in this build, reused from the parent."""
 
-    counts: dict[str, int]
-    computed: dict[str, int]
-    reused: dict[str, int]
+    tables: dict[str, TableCounts]
+
+    def per_level(self, field: str) -> dict[str, int]:
+        """The manifest's per-level field ("count", "computed" or "reused"): the three levels only."""
+        return {level: getattr(self.tables[level], field) for level in LEVELS}
 
 
-def write_tables(plan: BuildPlan, computed: RawVectors, reduction: Reduction) -> LevelCounts:
-    """Every level's table (fresh vectors reduced, reused ones as the parent stored them), the cold-start user vector
-    and the prompts file."""
-    counts, fresh, reused = {}, {}, {}
-    for level in LEVELS:
-        work = plan.levels[level]
-        table = _level_table(work, computed[level], reduction)
-        write_table(plan.version_dir / f"{table_name(level)}.parquet", table)
-        counts[level] = len(work.ids)
-        fresh[level] = sum(1 for id_ in work.ids if id_ in computed[level])
-        reused[level] = len(work.reused)
-        if level == "user":
+def write_tables(plan: BuildPlan, computed: RawVectors, reduction: Reduction) -> WrittenCounts:
+    """Every table (fresh vectors reduced, reused ones as the parent stored them), the cold-start user vector and the
+    prompts file."""
+    counts = {}
+    for name, work in plan.tables.items():
+        table = _vector_table(work, computed[name], reduction)
+        write_table(plan.version_dir / f"{stored_name(name)}.parquet", table)
+        fresh = sum(1 for id_ in work.ids if id_ in computed[name])
+        counts[name] = TableCounts(count=len(work.ids), computed=fresh, reused=len(work.reused))
+        if name == "user":  # the serve vectors: what a cold-start user is served in their place
             _write_default_user(plan.version_dir, table.embeddings, reduction.space.dim)
-    _write_prompts(plan.version_dir, plan.levels)
-    return LevelCounts(counts, fresh, reused)
+    _write_prompts(plan.version_dir, plan.tables)
+    return WrittenCounts(counts)
 
 
 def write_version(
-    plan: BuildPlan, computed: ComputedKnowledge, reduction: Reduction, counts: LevelCounts, seconds: float
+    plan: BuildPlan, computed: ComputedKnowledge, reduction: Reduction, counts: WrittenCounts, seconds: float
 ) -> Manifest:
     """Writes the manifest and LATEST, then removes the work files and abandoned unfinished versions."""
     config = plan.config
@@ -69,14 +72,16 @@ def write_version(
         space=reduction.space,
         dataset_fingerprint=plan.dataset_fingerprint,
         split_fingerprint=plan.split_fingerprint,
-        counts=counts.counts,
+        counts=counts.per_level("count"),
         backend=config.backend.backend,
         parent_version=plan.parent.version if plan.parent else None,
-        computed=counts.computed,
-        reused=counts.reused,
+        computed=counts.per_level("computed"),
+        reused=counts.per_level("reused"),
         dtype=plan.dtype.dtype,
         hardware=plan.dtype.to_dict(),
         truncated=computed.truncated,
+        fit_share=config.fit_share if config.builds_fit_vectors else None,
+        fit_counts=counts.tables.get(USER_FIT),
         extra={
             "dataset": plan.dataset_name,
             "split_config": config.split.to_dict(),
@@ -96,7 +101,7 @@ def write_version(
     return manifest
 
 
-def _level_table(work: LevelWork, computed: dict[str, tuple[str, np.ndarray]], reduction: Reduction) -> KnowledgeTable:
+def _vector_table(work: TableWork, computed: dict[str, tuple[str, np.ndarray]], reduction: Reduction) -> KnowledgeTable:
     emb = np.zeros((len(work.ids), reduction.space.dim), dtype=np.float32)
     fresh_ids = [i for i in work.ids if i in computed]
     fresh = {}
@@ -124,11 +129,12 @@ def _write_default_user(version_dir: Path, user_vectors: np.ndarray, dim: int) -
     )
 
 
-def _write_prompts(version_dir: Path, levels: dict[str, LevelWork]) -> None:
-    """The exact prompts beside the vectors (for `knowledge show` and audits); not part of the contract."""
+def _write_prompts(version_dir: Path, tables: dict[str, TableWork]) -> None:
+    """The exact prompts beside the vectors (for `knowledge show` and audits); not part of the contract. Its level
+    column holds the table's stored name ("users_fit" for the fit prompts)."""
     lv, ids, texts = [], [], []
-    for level, work in levels.items():
-        lv += [table_name(level)] * len(work.ids)
+    for name, work in tables.items():
+        lv += [stored_name(name)] * len(work.ids)
         ids += work.ids
         texts += work.texts
     table = pa.table({"level": lv, "id": ids, "prompt": texts})

@@ -7,6 +7,8 @@ newline and every part after it starts with one; the tokens of the whole prompt 
 own tokens, also inside the chat template (checked for SmolLM2 and the test model in tests/test_knowledge_prefix.py).
 
 User prompts see only `Split.train_positives()`: anything later would leak validation/test labels into knowledge.
+The "fit" user prompts of the leak-free protocol use the same template on a user's early train positives only
+(offline/data/fit_cutoff.py).
 """
 
 from __future__ import annotations
@@ -135,14 +137,17 @@ def user_prompts(
     config: PromptConfig | None = None,
     count_tokens: TokenCounter = approx_token_counter,
     users: Sequence[str] | None = None,
+    history: pd.DataFrame | None = None,
 ) -> dict[str, str]:
     """One prompt per user from TRAIN positives only: per scenario the most recent K titles, newest last.
 
-    The budget is enforced with the model's own token counts of each history line (computed once per item).
+    history: the rows to show, in time order (a subset of split.train_positives(), e.g. fit_cutoff.fit_history for
+    the fit prompts); default all train positives. The budget is enforced with the model's own token counts of each
+    history line (computed once per item).
     """
     config = config or PromptConfig()
     head = preamble(dataset)
-    history = split.train_positives()[["user_id", "item_id", "scenario"]]
+    history = (split.train_positives() if history is None else history)[["user_id", "item_id", "scenario"]]
     if users is None:
         users = sorted(dataset.interactions["user_id"].unique().tolist())
 

@@ -3,7 +3,9 @@
 Layout (docs/architecture.md, Knowledge snapshot):
   <root>/<version>/manifest.json      written last: a version without it does not exist for readers
   <root>/<version>/scenarios.parquet  id, prompt_sha256, response, embedding (fixed-size list of float32)
-  <root>/<version>/users.parquet
+  <root>/<version>/users.parquet      the "serve" user vectors: prompts from the whole train history
+  <root>/<version>/users_fit.parquet  optional, training only (never published): the "fit" user vectors, prompts
+                                      from each user's early train history (offline/data/fit_cutoff.py)
   <root>/<version>/items.parquet      response is empty (items are embedded in encode mode)
   <root>/<version>/defaults.parquet   id "user": the cold-start user vector
   <root>/LATEST                       name of the newest finished version (written after its manifest)
@@ -25,12 +27,25 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from shared.errors import UserFacingError
-from shared.knowledge.levels import LEVELS, level_of, table_name
+from shared.knowledge.levels import level_of, table_name
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
 DEFAULTS = "defaults"
 DEFAULT_USER_ID = "user"
+# The table of "fit" user vectors (the user level's prompts from the early train history only): a table beside the
+# levels, not a level of its own; KnowledgeSnapshot.table(USER_FIT) reads it.
+USER_FIT = "user_fit"
+# Every vector table a build writes, in the order it computes them.
+TABLES = ("scenario", "user", USER_FIT, "item")
+_STORED_FIT = "users_fit"
+
+
+def stored_name(table: str) -> str:
+    """The file stem of a table: a level's plural (levels.table_name), "users_fit", or "defaults"."""
+    if table == USER_FIT:
+        return _STORED_FIT
+    return DEFAULTS if table == DEFAULTS else table_name(table)
 
 
 # The longest token sequence the LLM saw; every snapshot written before the field existed used this value.
@@ -82,6 +97,15 @@ class KnowledgeSpace:
 PER_LEVEL_FIELDS = ("counts", "computed", "reused")
 
 
+@dataclass(frozen=True)
+class TableCounts:
+    """One table's rows in a version: all of them, computed by the LLM in this build, reused from the parent."""
+
+    count: int
+    computed: int
+    reused: int
+
+
 @dataclass
 class Manifest:
     version: str
@@ -100,8 +124,14 @@ class Manifest:
     dtype: str = ""
     # Why that dtype: the requested one, the device and the CPU (model name, native bf16 instruction sets).
     hardware: dict = field(default_factory=dict)
-    # Texts cut to space.max_length tokens, per "<level>_<generate|embed>", among those computed in this build.
+    # Texts cut to space.max_length tokens, per "<table>_<generate|embed>" (a level or "user_fit"), among those
+    # computed in this build.
     truncated: dict[str, int] = field(default_factory=dict)
+    # The fit user table: the share of each user's train history its prompts show (None: no fit vectors, also in
+    # manifests older than the field) and its counts. Kept out of the per-level fields, which every reader (also
+    # a ranker of an older release reading the published manifest) takes for the three levels.
+    fit_share: float | None = None
+    fit_counts: TableCounts | None = None
 
     def __post_init__(self) -> None:
         for name in PER_LEVEL_FIELDS:  # either spelling in, the level's name in memory
@@ -118,6 +148,8 @@ class Manifest:
     def from_dict(cls, data: dict) -> Manifest:
         data = dict(data)
         data["space"] = KnowledgeSpace.from_dict(data["space"])
+        if data.get("fit_counts") is not None:
+            data["fit_counts"] = TableCounts(**data["fit_counts"])
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
 
@@ -266,17 +298,27 @@ class KnowledgeSnapshot:
     def space(self) -> KnowledgeSpace:
         return self.manifest.space
 
-    def table(self, level: str) -> KnowledgeTable:
-        """A level's table ("scenario", "user", "item") or the defaults table (DEFAULTS)."""
-        if level not in (*LEVELS, DEFAULTS):
-            raise ValueError(f"unknown knowledge level {level!r}; expected one of {LEVELS}")
-        if level not in self._tables:
-            name = DEFAULTS if level == DEFAULTS else table_name(level)
+    @property
+    def has_fit_vectors(self) -> bool:
+        """Whether the build wrote fit user vectors (table USER_FIT), which the leak-free training protocol needs."""
+        return self.manifest.fit_share is not None
+
+    def table(self, table: str) -> KnowledgeTable:
+        """A level's table ("scenario", "user", "item"), the fit user table (USER_FIT) or the defaults (DEFAULTS)."""
+        if table not in (*TABLES, DEFAULTS):
+            raise ValueError(f"unknown knowledge table {table!r}; expected one of {(*TABLES, DEFAULTS)}")
+        if table == USER_FIT and not self.has_fit_vectors:
+            raise UserFacingError(
+                f"snapshot {self.path} has no fit user vectors (built with --fit-share 0 or before they existed); "
+                "rebuild it with `llm4msr knowledge build --fit-share 0.7`"
+            )
+        if table not in self._tables:
+            name = stored_name(table)
             file = self.path / f"{name}.parquet"
             if not file.exists():
                 raise UserFacingError(f"snapshot {self.path} has no {name}.parquet")
-            self._tables[level] = read_table(file)
-        return self._tables[level]
+            self._tables[table] = read_table(file)
+        return self._tables[table]
 
     def scenarios(self) -> KnowledgeTable:
         return self.table("scenario")
@@ -286,6 +328,9 @@ class KnowledgeSnapshot:
 
     def items(self) -> KnowledgeTable:
         return self.table("item")
+
+    def fit_users(self) -> KnowledgeTable:
+        return self.table(USER_FIT)
 
     def default_user(self) -> np.ndarray:
         defaults = self.table(DEFAULTS)
