@@ -10,6 +10,7 @@ import logging
 
 import pytest
 from fixtures_models import train_tiny_artifact, write_planted_snapshot
+from test_leak_free import planted_fit_snapshot
 
 import llm4msr_cli
 from offline.data.split import SplitConfig, make_split
@@ -21,7 +22,7 @@ def synth(synth_dir, tmp_path_factory):
     dataset = read_dataset(synth_dir)
     split = make_split(dataset, SplitConfig())
     root = tmp_path_factory.mktemp("kn")
-    kn = write_planted_snapshot(dataset, split, root / "knowledge")
+    kn = planted_fit_snapshot(dataset, split, root / "knowledge")
     return dataset, split, kn, root
 
 
@@ -125,3 +126,52 @@ def test_evaluate_refuses_knowledge_built_on_another_split(synth_dir, synth, tmp
     # A model that reads no knowledge cannot leak through it: the same snapshot is accepted.
     plain = train_tiny_artifact(synth_dir, None, tmp_path / "plain", llm4msr=False, epochs=1)
     assert llm4msr_cli.main(["evaluate", str(plain), "--data", str(synth_dir), "--knowledge", str(leaky)]) == 0
+
+
+def test_variant_sets_and_the_last_pooling_snapshot(synth_dir, synth, tmp_path, capsys):
+    from offline.training.compare import ABLATION_VARIANTS, VARIANTS, select_variants
+
+    assert select_variants(None, False, None) == ("plain", "auto", "id_sui", "random_sui")
+    with_last = select_variants(None, True, "kn-last")
+    assert with_last[:4] == ("plain", "auto", "id_sui", "random_sui") and set(ABLATION_VARIANTS) <= set(with_last)
+    without_last = select_variants(["plain"], True, None)
+    assert "llm_su_last" not in without_last and "llm_i" in without_last and "llm_sui_rd32" in without_last
+    assert VARIANTS["llm_su_full_history"].values["user_knowledge"] == "full-history"
+    assert VARIANTS["llm_sui_ungated"].values["gate"] == "none" and VARIANTS["plain"].levels is None
+
+    dataset, split, kn, root = synth
+    out = tmp_path / "last"
+    assert _compare(synth_dir, kn, out, "--variants", "llm_su_last", "--epochs", "1") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "variant llm_su_last needs --knowledge-last DIR" in err
+    last = planted_fit_snapshot(dataset, split, root / "kn-last", version="v2")
+    assert (
+        _compare(synth_dir, kn, out, "--variants", "llm_su_last", "--epochs", "1", "--knowledge-last", str(last)) == 0
+    )
+    record = json.loads((out / "runs" / "star__llm_su_last__s0.json").read_text())
+    assert record["knowledge_version"] == "v2" and record["config"]["levels"] == ["scenario", "user"]
+    report = (out / "report.md").read_text()
+    assert "--knowledge-last Knowledge snapshot v2" in report and "+LLM4MSR (s,u) last pooling" in report
+
+
+def test_a_run_recorded_before_the_new_settings_is_reused_for_their_old_behaviour(synth_dir, synth, tmp_path, caplog):
+    """A record without gate / user_knowledge / levels_auto (written before they existed) holds the old behaviour:
+    reused when the flags ask for that behaviour, recomputed (saying why) under today's defaults."""
+    _, _, kn, _ = synth
+    out = tmp_path / "old"
+    old_flags = ("--gate", "none", "--user-knowledge", "full-history")
+    assert _compare(synth_dir, kn, out, "--variants", "plain", "--epochs", "1", *old_flags) == 0
+    file = out / "runs" / "star__plain__s0.json"
+    record = json.loads(file.read_text())
+    for key in ("gate", "knowledge_dropout", "user_knowledge", "early_rows", "levels_auto"):
+        record["config"].pop(key)
+    file.write_text(json.dumps(record))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="offline.training.compare"):
+        assert _compare(synth_dir, kn, out, "--variants", "plain", "--epochs", "1", *old_flags) == 0
+    assert "reuse star__plain__s0.json (same settings)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="offline.training.compare"):
+        assert _compare(synth_dir, kn, out, "--variants", "plain", "--epochs", "1") == 0
+    assert "recompute star__plain__s0.json: settings changed: gate 'none' -> 'scalar'; " in caplog.text
+    assert "user_knowledge 'full-history' -> 'leak-free'" in caplog.text

@@ -7,6 +7,7 @@ real command with the embedded SmolLM2 on a small synthetic dataset, a real Redi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,7 +24,8 @@ from shared.errors import UserFacingError
 from shared.knowledge import keys
 from shared.redact import redact_url
 from tests.fixtures_deploy import DEPLOY, K8S, REPO, Proc, llm4msr_cmd, llm4msr_env
-from tests.fixtures_serving import make_space, start_server, write_snapshot
+from tests.fixtures_serving import make_space, seeded_table, start_server, write_snapshot
+from tests.test_leak_free import add_fit_table
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,8 @@ def train_config():
 
 
 def fake_build(version: str, space):
-    """Stands in for the LLM: writes a real snapshot (seeded vectors) on the config's real split."""
+    """Stands in for the LLM: writes a real snapshot (seeded vectors, fit user vectors too) on the config's real
+    split."""
 
     def build(kcfg):
         from offline.data.split import make_split
@@ -65,6 +68,8 @@ def fake_build(version: str, space):
         vdir = write_snapshot(
             Path(kcfg.out), version, dataset.scenario_names, users, items, space, split_fingerprint=split.fingerprint()
         )
+        fit = seeded_table(users, space.dim, seed=7, answer=None)
+        add_fit_table(vdir, dict(zip(fit.ids, fit.embeddings)), kcfg.fit_share)
         return BuildResult(vdir, KnowledgeSnapshot(vdir).manifest, 0.01)
 
     return build
@@ -335,3 +340,52 @@ def test_refresh_end_to_end_ranker_follows_new_version(tmp_path, redis_server):
         assert os.path.exists(tmp_path / "report2.json")
     finally:
         server.stop()
+
+
+# ------------------------------------------------------------------------------------- levels auto, old artifacts
+
+
+def test_refresh_defaults_to_levels_auto_and_retrains_with_it(data_dir, tmp_path):
+    """`llm4msr refresh` trains a first model with --levels auto (and leak-free users); a retrain of that model
+    chooses again, while an explicit --levels keeps fixed levels."""
+    import llm4msr_cli
+    from offline.refresh.cli import config_from_args
+    from shared.artifact import read_artifact_config
+
+    base = ["refresh", "--data", str(data_dir), "--knowledge-root", str(tmp_path / "kn"), "--artifact-dir", "a"]
+    parser = llm4msr_cli.build_parser()
+    auto = config_from_args(parser.parse_args(base)).train
+    assert auto.levels_auto and auto.user_knowledge == "leak-free"
+    fixed = config_from_args(parser.parse_args([*base, "--levels", "scenario,user,item"])).train
+    assert not fixed.levels_auto and fixed.wrapper.levels == ["scenario", "user", "item"]
+
+    cfg = dataclasses.replace(
+        make_config(data_dir, tmp_path, None), train=auto.with_values(epochs=1, batch_size=256, threads=1)
+    )
+    r1 = run_refresh(cfg, build=fake_build("v1", make_space(8)))
+    assert r1.exit_code == ExitCode.ROLLOUT, r1.to_dict()
+    selection = r1.steps["train"].detail["level_selection"]
+    names = [c["levels"] for c in selection["candidates"]]
+    assert names == ["none", "scenario,user", "scenario,user,item"] and selection["chosen"] in names
+    art = read_artifact_config(cfg.artifact_dir)
+    assert art.train["levels_auto"] is True and art.train["level_selection"] == selection
+    assert art.levels == ([] if selection["chosen"] == "none" else selection["chosen"].split(","))
+    r2 = run_refresh(cfg, build=fake_build("v2", make_space(8, "m2")))  # new space: retrain, again with auto
+    assert r2.retrained and "level_selection" in r2.steps["train"].detail
+
+
+def test_retrain_of_an_artifact_from_before_gates_keeps_its_settings():
+    """An artifact trained before gates, fit vectors and --levels auto retrains as it was trained: ungated, on the
+    full-history protocol, with its fixed levels, even where today's defaults differ."""
+    from offline.refresh.job import train_config_from_artifact
+    from offline.training.config import TrainConfig
+    from shared.artifact import ArtifactConfig
+
+    old_train = {"backbone": "mmoe", "levels": ["scenario", "user", "item"], "epochs": 3, "best_epoch": 2}
+    today = TrainConfig(levels_auto=True)
+    cfg = train_config_from_artifact(ArtifactConfig.model_construct(train=old_train), today)
+    assert (cfg.backbone, cfg.epochs, cfg.wrapper.levels) == ("mmoe", 3, ["scenario", "user", "item"])
+    assert (cfg.wrapper.gate, cfg.user_knowledge, cfg.levels_auto) == ("none", "full-history", False)
+    new_train = {**today.to_dict(), "backbone": "ple"}
+    again = train_config_from_artifact(ArtifactConfig.model_construct(train=new_train), None)
+    assert (again.wrapper.gate, again.user_knowledge, again.levels_auto) == ("scalar", "leak-free", True)

@@ -8,7 +8,8 @@ import logging
 import math
 
 import pytest
-from fixtures_models import tiny_train_config, train_tiny_artifact, write_planted_snapshot, write_snapshot
+from fixtures_models import tiny_train_config, train_tiny_artifact, write_snapshot
+from test_leak_free import planted_fit_snapshot
 
 import llm4msr_cli
 from offline.data.split import SplitConfig, make_split
@@ -23,7 +24,7 @@ from shared.knowledge.snapshot import KnowledgeSnapshot
 def synth(synth_dir, tmp_path_factory):
     dataset = read_dataset(synth_dir)
     split = make_split(dataset, SplitConfig())
-    kn = write_planted_snapshot(dataset, split, tmp_path_factory.mktemp("kn") / "knowledge")
+    kn = planted_fit_snapshot(dataset, split, tmp_path_factory.mktemp("kn") / "knowledge")
     return dataset, split, kn
 
 
@@ -177,7 +178,15 @@ def test_compare_writes_report(synth_dir, synth, tmp_path):
 
 
 def test_train_tiny_artifact_helper(synth_dir, tmp_path):
-    path = train_tiny_artifact(synth_dir, None, tmp_path / "tiny", backbone="ple", levels=("scenario", "user", "item"))
+    # The planted snapshot the helper writes has no fit user vectors: the full-history protocol.
+    path = train_tiny_artifact(
+        synth_dir,
+        None,
+        tmp_path / "tiny",
+        backbone="ple",
+        levels=("scenario", "user", "item"),
+        user_knowledge="full-history",
+    )
     artifact = load_artifact(path)
     assert artifact.config.backbone == "ple"
     assert artifact.config.levels == ["scenario", "user", "item"]

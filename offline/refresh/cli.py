@@ -11,16 +11,17 @@ import os
 from typing import TYPE_CHECKING
 
 from offline.common import ConfigFlags
+from offline.training.cli import add_levels_arg, levels_values
 from offline.training.config import TrainConfig
 
 if TYPE_CHECKING:
     from offline.refresh.job import RefreshConfig
 
 # The training options of a first model: TrainConfig's flags, some prefixed with train- as they always were
-# (--batch-size and --threads are knowledge build options too).
+# (--batch-size and --threads are knowledge build options too); --levels (default auto) comes from add_levels_arg.
 TRAIN_FLAGS = ConfigFlags(
     TrainConfig,
-    fields=("backbone", "levels", "placement", "epochs", "batch_size", "threads", "seed"),
+    fields=("backbone", "placement", "user_knowledge", "epochs", "batch_size", "threads", "seed"),
     rename={"epochs": "train-epochs", "batch_size": "train-batch-size", "threads": "train-threads"},
 )
 
@@ -62,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     t = p.add_argument_group("training of a first model (later retrains reuse the current model's settings)")
     TRAIN_FLAGS.add_to(t)
+    add_levels_arg(t)
 
     k = p.add_argument_group("knowledge build (the options of `llm4msr knowledge build`)")
     add_build_args(k, skip=frozenset({"data", "out"}))
@@ -80,7 +82,7 @@ def config_from_args(args: argparse.Namespace) -> RefreshConfig:
         redis_url=args.redis_url,
         keep_old=args.keep_old,
         retrain=args.retrain,
-        train=TRAIN_FLAGS.build(args, progress=False),
+        train=TRAIN_FLAGS.build(args, progress=False, **levels_values(args)),
         reload_urls=tuple(args.reload_url),
         admin_token=_admin_token(),
     )

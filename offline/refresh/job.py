@@ -190,13 +190,15 @@ def _previous_version(root: Path) -> str | None:
 
 
 def train_config_from_artifact(cfg: ArtifactConfig | None, fallback: TrainConfig | None) -> TrainConfig:
-    """Retrains with what the current model was trained with (backbone, levels, hyper-parameters)."""
-    from offline.training.config import TrainConfig
+    """Retrains with what the current model was trained with (backbone, levels or --levels auto, protocol,
+    hyper-parameters). A setting newer than the artifact keeps the behaviour it was trained with (config.fill_absent:
+    e.g. an artifact from before gates retrains ungated, on the full-history protocol)."""
+    from offline.training.config import TrainConfig, fill_absent
 
     base = fallback if fallback is not None else TrainConfig()
     if cfg is None or not cfg.train:
         return base
-    stored = {k: v for k, v in cfg.train.items() if k in TrainConfig.flat_keys()}
+    stored = fill_absent({k: v for k, v in cfg.train.items() if k in TrainConfig.flat_keys()})
     return TrainConfig.from_flat({**base.to_dict(), **stored, "progress": False})
 
 
@@ -210,11 +212,14 @@ def _default_train(
     save_artifact(out, result.model, result.encoder, result.artifact_fields(split), overwrite=True)
     cfg = read_artifact_config(out)
     overall = result.metrics.get("test", {}).get("overall", {}) if isinstance(result.metrics, dict) else {}
+    selection = result.level_selection
     return cfg.model_version, {
         "best_epoch": result.best_epoch,
         "train_seconds": round(result.seconds, 2),
         "test_auc": overall.get("auc"),
         "backbone": cfg.backbone,
+        "levels": cfg.levels,
+        **({"level_selection": selection.to_dict()} if selection else {}),
     }
 
 

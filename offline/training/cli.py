@@ -13,8 +13,10 @@ from shared.models.backbones import backbone_names
 
 log = logging.getLogger(__name__)
 
-# TrainConfig fields that compare sets per run (backbone, variant, seed), in --help order.
-RUN_FLAGS = ConfigFlags(TrainConfig, fields=("backbone", "llm4msr", "knowledge_source", "levels", "placement", "seed"))
+# TrainConfig fields that compare sets per run (backbone, variant, seed), in --help order; --levels (which also
+# takes "auto") is added by add_levels_arg.
+RUN_FLAGS = ConfigFlags(TrainConfig, fields=("backbone", "llm4msr", "knowledge_source", "placement", "seed"))
+AUTO_LEVELS = "auto"
 # The training options that train and compare share (refresh takes some of them under its own names).
 TRAINING_FLAGS = ConfigFlags(
     TrainConfig,
@@ -30,6 +32,10 @@ TRAINING_FLAGS = ConfigFlags(
         "meta_dim",
         "rank",
         "hyper_hidden",
+        "gate",
+        "knowledge_dropout",
+        "user_knowledge",
+        "early_rows",
         "threads",
         "progress",
     ),
@@ -40,9 +46,33 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     TRAINING_FLAGS.add_to(p.add_argument_group("training"))
 
 
-def train_config_from_args(args: argparse.Namespace, flags: tuple[ConfigFlags, ...]) -> TrainConfig:
-    """The TrainConfig of the given flags (the rest at their defaults); a progress bar only on a terminal."""
-    values = {name: value for f in flags for name, value in f.values(args).items()}
+def _levels(text: str) -> str | list[str]:
+    """--levels: "auto" or a comma list (the level names are checked by the wrapper's config)."""
+    return AUTO_LEVELS if text.strip() == AUTO_LEVELS else comma_list()(text)
+
+
+def add_levels_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument(
+        "--levels",
+        type=_levels,
+        default=AUTO_LEVELS,
+        help="knowledge levels: auto (default: fit the plain backbone, scenario,user and scenario,user,item with the "
+        "same settings and keep the best on validation AUC) or a comma list of scenario,user,item (paper: "
+        "scenario,user)",
+    )
+
+
+def levels_values(args: argparse.Namespace) -> dict:
+    """The TrainConfig values of --levels (auto only matters with LLM4MSR on)."""
+    if args.levels == AUTO_LEVELS:
+        return {"levels_auto": bool(getattr(args, "llm4msr", True))}
+    return {"levels": args.levels, "levels_auto": False}
+
+
+def train_config_from_args(args: argparse.Namespace, flags: tuple[ConfigFlags, ...], **values: object) -> TrainConfig:
+    """The TrainConfig of the given flags and values (the rest at their defaults); a progress bar only on a
+    terminal."""
+    values = {**{name: value for f in flags for name, value in f.values(args).items()}, **values}
     values["progress"] = values.get("progress", True) and sys.stderr.isatty()
     return TrainConfig.from_flat(values)
 
@@ -74,6 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--knowledge", help="knowledge snapshot (version folder or root with LATEST)")
     RUN_FLAGS.add_to(p)
+    add_levels_arg(p)
     p.add_argument("--out", required=True, help="artifact folder to write")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -98,11 +129,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _register_compare(sub: argparse._SubParsersAction) -> None:
-    from offline.training.compare import DEFAULT_VARIANTS, VARIANTS
+    from offline.training.compare import ABLATION_VARIANTS, DEFAULT_VARIANTS, VARIANTS
 
     p = sub.add_parser("compare", help="train every backbone plain / +LLM4MSR / controls over seeds; write a report")
     p.add_argument("--data", required=True)
     p.add_argument("--knowledge", required=True)
+    p.add_argument(
+        "--knowledge-last",
+        help="a second snapshot, built with --pooling last on the same split, for the *_last variants (mean vs last "
+        "pooling)",
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--seed-list", type=comma_list(int), help="explicit seeds, e.g. 3,4 (overrides --seeds)")
     p.add_argument("--backbones", type=comma_list(), default=backbone_names())
@@ -111,6 +147,11 @@ def _register_compare(sub: argparse._SubParsersAction) -> None:
         type=comma_list(),
         default=None,
         help=f"subset of {','.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})",
+    )
+    p.add_argument(
+        "--ablations",
+        action="store_true",
+        help=f"add where the gain comes from: {','.join(ABLATION_VARIANTS)} (the *_last ones need --knowledge-last)",
     )
     p.add_argument(
         "--out",
@@ -129,15 +170,19 @@ def _register_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def format_metrics(metrics: dict) -> str:
-    """The CTR table, then (when computed) the top-K table: users ranked, then Recall@K, NDCG@K, MRR@K per K."""
+    """The CTR table (with the expected calibration error), then (when computed) the top-K table: users ranked,
+    then Recall@K, NDCG@K, MRR@K per K."""
     blocks = [
         (split, name, b)
         for split, m in metrics.items()
         for name, b in [("overall", m["overall"]), *m["per_scenario"].items()]
     ]
-    lines = [f"{'split':<6} {'scenario':<20} {'AUC':>7} {'GAUC':>7} {'Logloss':>8} {'rows':>9}"]
+    lines = [f"{'split':<6} {'scenario':<20} {'AUC':>7} {'GAUC':>7} {'Logloss':>8} {'ECE':>7} {'rows':>9}"]
     for split, name, b in blocks:
-        lines.append(f"{split:<6} {name:<20} {b['auc']:>7.4f} {b['gauc']:>7.4f} {b['logloss']:>8.4f} {b['rows']:>9d}")
+        ece = b.get("ece", float("nan"))  # metrics stored before calibration was measured have none
+        lines.append(
+            f"{split:<6} {name:<20} {b['auc']:>7.4f} {b['gauc']:>7.4f} {b['logloss']:>8.4f} {ece:>7.4f} {b['rows']:>9d}"
+        )
     ks = sorted(int(key.split("@")[1]) for key in (blocks[0][2] if blocks else {}) if key.startswith("ndcg@"))
     if ks:
         cols = [f"{m}@{k}" for m in ("recall", "ndcg", "mrr") for k in ks]
@@ -154,7 +199,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from shared.artifact import save_artifact
     from shared.knowledge.snapshot import KnowledgeSnapshot
 
-    config = train_config_from_args(args, (RUN_FLAGS, TRAINING_FLAGS))  # bad flags fail before any data is read
+    # bad flags fail before any data is read
+    config = train_config_from_args(args, (RUN_FLAGS, TRAINING_FLAGS), **levels_values(args))
     dataset, split = load_split(args.data, split_config_from_args(args))
     snapshot = KnowledgeSnapshot(args.knowledge) if args.knowledge else None
     result = train(dataset, split, snapshot, config)
@@ -162,6 +208,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.metrics, indent=2))
     else:
+        if result.level_selection is not None:
+            print(result.level_selection.summary())
         print(format_metrics(result.metrics))
         print(f"trained in {result.seconds:.1f}s (best epoch {result.best_epoch}); artifact written to {out}")
     return 0
@@ -170,8 +218,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from offline.common import load_split
     from offline.data.split import SplitConfig
+    from offline.training.leakage import check_snapshot_split
     from offline.training.metrics import summarize
-    from offline.training.trainer import check_snapshot_split
     from shared.artifact import check_knowledge_space, load_artifact
     from shared.knowledge.snapshot import KnowledgeSnapshot
     from shared.scoring import RequestScorer, SnapshotLookup
@@ -210,17 +258,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from offline.common import split_config_from_args
-    from offline.training.compare import DEFAULT_VARIANTS, CompareConfig, run_compare
+    from offline.training.compare import CompareConfig, run_compare, select_variants
 
     config = CompareConfig(
         data=args.data,
         knowledge=args.knowledge,
+        knowledge_last=args.knowledge_last,
         out=args.out,
         train=train_config_from_args(args, (TRAINING_FLAGS,)),
         split=split_config_from_args(args),
         seeds=tuple(args.seed_list) if args.seed_list else tuple(range(args.seeds)),
         backbones=tuple(args.backbones),
-        variants=tuple(args.variants or DEFAULT_VARIANTS),
+        variants=select_variants(args.variants, args.ablations, args.knowledge_last),
         top_k=tuple(args.top_k),
         report_only=args.report_only,
     )

@@ -2,7 +2,8 @@
 
 Its flat form (`to_dict`, `from_flat`) is what artifacts (config.json's `train`) and compare's run records store:
 the wrapper's hyper-parameters sit beside the training ones, under the keys every earlier version wrote, so
-artifacts and finished compare runs made before stay readable and reusable.
+artifacts and finished compare runs made before stay readable and reusable. A stored form without a field added
+later means that field's old behaviour (`ABSENT_IN_STORED`), not today's default: `fill_absent` reads it so.
 """
 
 from __future__ import annotations
@@ -11,11 +12,23 @@ import copy
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from offline.common import build_config, config_fields
 from shared.models.backbones import backbone_names
-from shared.models.llm4msr_config import LLM4MSRConfig
+from shared.models.llm4msr_config import ABSENT_MEANS, LLM4MSRConfig
+
+# What leak-free does with the train rows before each user's fit cutoff (the better one on validation AUC).
+DEFAULT_EARLY_ROWS = "default_user"
+# Flat fields newer than the first artifacts and compare runs, with the value their absence means in a stored
+# config: the training of that time (ungated wrapper, user vectors from the full train history, fixed levels;
+# early_rows has no effect under full-history, so its default stands for any value).
+ABSENT_IN_STORED: dict[str, Any] = {
+    **ABSENT_MEANS,
+    "user_knowledge": "full-history",
+    "early_rows": DEFAULT_EARLY_ROWS,
+    "levels_auto": False,
+}
 
 
 @dataclass(frozen=True)
@@ -24,6 +37,27 @@ class TrainConfig:
     # Hyper-parameters of the backbone's config class (validated when the model is built).
     backbone_params: dict = field(default_factory=dict, metadata={"cli": False})
     llm4msr: bool = field(default=True, metadata={"help": "the plain backbone, no meta networks"})
+    # --levels auto (the CLI's default): fit the plain backbone, scenario,user and scenario,user,item with these
+    # settings and seed and keep the best on validation AUC (offline/training/auto_levels.py). The CLI sets it
+    # from --levels, so it has no flag of its own.
+    levels_auto: bool = field(default=False, metadata={"cli": False})
+    # How the user level's LLM vectors meet train rows (docs/architecture.md, Knowledge snapshot): a serve user
+    # vector was built from the train positives, so on a train row it has seen the item being predicted.
+    user_knowledge: Literal["leak-free", "full-history"] = field(
+        default="leak-free",
+        metadata={
+            "help": "leak-free: train rows after each user's fit cutoff read the snapshot's fit user vectors (built "
+            "from the history before it), valid/test rows the serve vectors; full-history: every row reads the "
+            "serve vectors (the protocol before fit vectors existed)"
+        },
+    )
+    early_rows: Literal["default_user", "drop"] = field(
+        default=DEFAULT_EARLY_ROWS,
+        metadata={
+            "help": "leak-free: train rows before each user's fit cutoff read the cold-start user vector "
+            "(default_user) or are not trained on (drop)"
+        },
+    )
     # The wrapper's settings (used when llm4msr is on); its knowledge_dim is set from the snapshot at build time.
     wrapper: LLM4MSRConfig = field(default_factory=LLM4MSRConfig)
     embed_dim: int = 16
@@ -60,3 +94,8 @@ class TrainConfig:
     def with_values(self, **values: Any) -> TrainConfig:
         """A copy with some flat values replaced (e.g. compare's per-run backbone, variant and seed)."""
         return TrainConfig.from_flat({**self.to_dict(), **values})
+
+
+def fill_absent(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored flat config with the fields it predates set to what their absence means (ABSENT_IN_STORED)."""
+    return {**ABSENT_IN_STORED, **stored}

@@ -1,5 +1,10 @@
-"""CTR metrics: AUC, Logloss and GAUC (impression-weighted per-user AUC), and top-K ranking metrics (Recall@K,
-NDCG@K, MRR@K over each user's rows ranked by score), overall and per scenario.
+"""CTR metrics: AUC, Logloss and GAUC (impression-weighted per-user AUC), expected calibration error, and top-K
+ranking metrics (Recall@K, NDCG@K, MRR@K over each user's rows ranked by score), overall and per scenario.
+
+Calibration (`reliability`, `expected_calibration_error`): a ranking service's scores are used as probabilities
+downstream, so how far they are from observed click rates matters beside the ranking. Scores fall into
+CALIBRATION_BINS equal-width bins over [0, 1] (bin b holds b/B <= p < (b+1)/B, the last bin also p = 1); ECE is the
+row-weighted mean over bins of |positive rate - mean score|.
 
 Top-K definitions (`ranking_metrics`):
 - a user's list is all of the user's rows in the block (one scenario, or every scenario for "overall"), ranked by
@@ -21,6 +26,7 @@ import pandas as pd
 
 EPS = 1e-7
 DEFAULT_TOP_K: tuple[int, ...] = (5, 10, 20)
+CALIBRATION_BINS = 15
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -40,6 +46,38 @@ def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
     p = np.clip(np.asarray(probs, dtype=np.float64), EPS, 1 - EPS)
     y = np.asarray(labels, dtype=np.float64)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) if len(y) else float("nan")
+
+
+def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = CALIBRATION_BINS) -> dict[str, list[float]]:
+    """Per equal-width score bin: rows, the sum of scores and the sum of labels. Sums (not means) so that the
+    bins of several runs (seeds) add up before a reliability plot divides them."""
+    p = np.asarray(probs, dtype=np.float64)
+    finite = np.isfinite(p)  # a diverged model's NaN scores fall in no bin
+    p = np.clip(p[finite], 0.0, 1.0)
+    y = np.asarray(labels, dtype=np.float64)[finite]
+    index = np.minimum((p * bins).astype(np.int64), bins - 1)
+    return {
+        "rows": np.bincount(index, minlength=bins).astype(float).tolist(),
+        "score_sum": np.bincount(index, weights=p, minlength=bins).tolist(),
+        "label_sum": np.bincount(index, weights=y, minlength=bins).tolist(),
+    }
+
+
+def calibration_error(bins: dict[str, list[float]]) -> float:
+    """ECE of `reliability` bins: the row-weighted mean of |positive rate - mean score|; NaN without rows."""
+    rows = np.asarray(bins["rows"])
+    total = rows.sum()
+    if total == 0:
+        return float("nan")
+    gap = np.abs(np.asarray(bins["label_sum"]) - np.asarray(bins["score_sum"]))  # = rows * |rate - mean score|
+    return float(gap.sum() / total)
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = CALIBRATION_BINS) -> float:
+    """ECE over `bins` equal-width score bins (see the module doc); NaN when a score is not finite, as logloss."""
+    if not np.isfinite(np.asarray(probs, dtype=np.float64)).all():
+        return float("nan")
+    return calibration_error(reliability(labels, probs, bins))
 
 
 def gauc(users: Sequence[str] | np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
@@ -103,7 +141,7 @@ def ranking_metrics(
 def summarize(frame: pd.DataFrame, probs: np.ndarray, top_k: Iterable[int] = DEFAULT_TOP_K) -> dict:
     """{"overall": {...}, "per_scenario": {scenario: {...}}} for a frame with user_id, scenario, label.
 
-    Each block has auc, logloss, gauc, rows, positive_rate and the top-K keys of `ranking_metrics`.
+    Each block has auc, logloss, gauc, ece, rows, positive_rate and the top-K keys of `ranking_metrics`.
     """
     top_k = tuple(top_k)
 
@@ -115,6 +153,7 @@ def summarize(frame: pd.DataFrame, probs: np.ndarray, top_k: Iterable[int] = DEF
             "auc": auc(y, p),
             "logloss": logloss(y, p),
             "gauc": gauc(users, y, p),
+            "ece": expected_calibration_error(y, p),
             "rows": int(mask.sum()),
             "positive_rate": float(np.mean(y)) if len(y) else float("nan"),
             **ranking_metrics(users, y, p, top_k),

@@ -3,6 +3,9 @@ progress with samples/s.
 
 Data comes from the Split (train/valid/test rows); knowledge from a KnowledgeSnapshot built on the SAME split
 (its manifest's split_fingerprint must equal the split's, otherwise the user prompts may have seen held-out rows).
+Under the leak-free protocol (the default) the user level reads the snapshot's fit vectors on the train rows after
+each user's fit cutoff (offline/training/leakage.py). `--levels auto` trains several level sets and keeps the best
+on validation (offline/training/auto_levels.py).
 
 Reproducible at any thread count: the same data, knowledge, config, seed and thread count give a byte-identical
 model.safetensors on the same machine and torch version (another thread count changes the last bits: float sums
@@ -31,7 +34,9 @@ import torch
 from tqdm import tqdm
 
 from offline.data.split import Split
+from offline.training.auto_levels import LevelSelection, train_auto
 from offline.training.config import TrainConfig
+from offline.training.leakage import UserProtocol, check_knowledge_inputs, protocol_train_rows
 from offline.training.metrics import summarize
 from shared.dataset.folder import Dataset
 from shared.errors import UserFacingError
@@ -65,14 +70,16 @@ class Arrays:
 
 class KnowledgeTables:
     """Snapshot vectors as tensors aligned for gathering: scenarios by scenario index, users with the default
-    user vector as the last row, items with a NaN row (= average) last."""
+    user vector after the serve vectors (then, under the leak-free protocol, the fit vectors), items with a NaN
+    row (= average) last."""
 
-    def __init__(self, snapshot: KnowledgeSnapshot, scenarios: list[str], levels: list[str]):
+    def __init__(self, snapshot: KnowledgeSnapshot, scenarios: list[str], levels: list[str], fit_users: bool = False):
         self.snapshot = snapshot
         self.dim = snapshot.space.dim
         self.tables: dict[str, torch.Tensor] = {}
         self.reduced = False
         self._users = snapshot.users() if ("user" in levels or "scenario" in levels) else None
+        self._fit_users = snapshot.fit_users() if (fit_users and "user" in levels) else None
         if "scenario" in levels:
             vec, found = snapshot.scenarios().lookup(scenarios)
             if not found.all():
@@ -81,7 +88,15 @@ class KnowledgeTables:
             self.tables["scenario"] = torch.from_numpy(vec)
         if "user" in levels:
             users = self._users
-            self.tables["user"] = torch.from_numpy(np.vstack([users.embeddings, snapshot.default_user()[None]]))
+            stacked = [users.embeddings, snapshot.default_user()[None]]
+            if self._fit_users is not None:
+                if self._fit_users.dim != users.dim:
+                    raise UserFacingError(
+                        f"knowledge snapshot {snapshot.path}: fit user vectors have {self._fit_users.dim} dimensions, "
+                        f"serve user vectors {users.dim}; rebuild the snapshot"
+                    )
+                stacked.append(self._fit_users.embeddings)
+            self.tables["user"] = torch.from_numpy(np.vstack(stacked))
         if "item" in levels:
             items = snapshot.items()
             nan = np.full((1, items.dim), np.nan, dtype=np.float32)
@@ -100,6 +115,14 @@ class KnowledgeTables:
         with torch.no_grad():
             self.tables = {lv: model.wrapper.reduce(lv, t).contiguous() for lv, t in self.tables.items()}
         self.reduced = True
+
+    def leak_free_user_rows(self, ids: pd.Series, early: np.ndarray) -> np.ndarray:
+        """User-table rows of train rows under leak-free: the user's fit vector on LATE rows (the cold-start
+        vector for a user without one), the cold-start vector on EARLY rows (nothing known of the user yet)."""
+        default_row = len(self._users.ids)
+        pos = self._fit_users.positions(ids.astype(str).tolist())
+        late = np.where(pos < 0, default_row, pos + default_row + 1)
+        return np.where(early, default_row, late).astype(np.int64)
 
     def rows(self, level: str, ids: pd.Series) -> np.ndarray:
         if level not in self.tables:
@@ -228,6 +251,8 @@ class TrainResult:
     best_epoch: int
     early_stopping: str = "auc"  # the validation metric early stopping followed
     runtime: dict = field(default_factory=dict)  # runtime_info() at training time
+    user_protocol: UserProtocol | None = None  # how the user level met the train rows
+    level_selection: LevelSelection | None = None  # --levels auto: the choice and every candidate's numbers
 
     def artifact_fields(self, split: Split) -> dict:
         """The ArtifactConfig fields that training knows."""
@@ -248,23 +273,14 @@ class TrainResult:
                 **self.runtime,
                 "seconds": round(self.seconds, 1),
                 "history": self.history,
+                **({"user_protocol": self.user_protocol.to_dict()} if self.user_protocol else {}),
+                **({"level_selection": self.level_selection.to_dict()} if self.level_selection else {}),
             },
             "metrics": self.metrics,
             "data_fingerprint": split.dataset_fingerprint,
             "split_fingerprint": split.fingerprint(),
             "split_config": split.config.to_dict(),
         }
-
-
-def check_snapshot_split(snapshot: KnowledgeSnapshot, split: Split) -> None:
-    """The leakage guard: knowledge must be built from this split's train rows."""
-    if snapshot.manifest.split_fingerprint != split.fingerprint():
-        raise UserFacingError(
-            f"knowledge snapshot {snapshot.path} was built on another split (split fingerprint "
-            f"{snapshot.manifest.split_fingerprint[:12]}, this data/split is {split.fingerprint()[:12]}): its user "
-            "prompts may contain validation/test interactions. Rebuild the knowledge with the same data and split "
-            "options (train: or pass the snapshot's split options)"
-        )
 
 
 def build_model(cfg: TrainConfig, encoder: FeatureEncoder, knowledge_dim: int) -> CTRModel:
@@ -306,8 +322,16 @@ def train(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, cf
     Early stopping follows validation AUC, or validation logloss when the validation split has one class only
     (logged; see early_stopping_metric). An epoch whose metric is NaN (non-finite scores) never counts as the best;
     if no epoch has a usable metric, training fails with a UserFacingError instead of keeping an arbitrary model.
-    Byte-identical for the same inputs, seed and thread count (see the module doc).
+    Byte-identical for the same inputs, seed and thread count (see the module doc). With cfg.levels_auto (and
+    LLM4MSR on), trains each candidate level set and returns the best on validation (auto_levels.train_auto).
     """
+    if cfg.levels_auto and cfg.llm4msr:
+        return train_auto(dataset, split, snapshot, cfg, _train_seeded)
+    return _train_seeded(dataset, split, snapshot, cfg)
+
+
+def _train_seeded(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, cfg: TrainConfig) -> TrainResult:
+    """One fixed-levels run, seeded and in deterministic mode."""
     torch.set_num_threads(max(1, cfg.threads))
     seed_everything(cfg.seed)
     with deterministic_ops():
@@ -322,24 +346,29 @@ class Prepared:
     model: CTRModel
     tables: KnowledgeTables | None
     data: dict[str, Arrays]
+    protocol: UserProtocol
 
 
 def prepare(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, cfg: TrainConfig) -> Prepared:
-    """Checks the inputs, fits the encoder, builds the model (seeded by the caller) and encodes the splits."""
+    """Checks the inputs, fits the encoder, builds the model (seeded by the caller) and encodes the splits (the
+    train rows as the user protocol has them: offline/training/leakage.py)."""
+    protocol = check_knowledge_inputs(cfg, split, snapshot)
     uses_llm = cfg.llm4msr and cfg.wrapper.knowledge_source == "llm"
-    if uses_llm and snapshot is None:
-        raise UserFacingError("LLM4MSR with --knowledge-source llm needs --knowledge SNAPSHOT")
-    if snapshot is not None and cfg.llm4msr:
-        check_snapshot_split(snapshot, split)
     encoder = FeatureEncoder.fit(dataset, split.train)
-    tables = KnowledgeTables(snapshot, encoder.scenarios, cfg.wrapper.levels) if uses_llm else None
+    levels = cfg.wrapper.levels
+    tables = KnowledgeTables(snapshot, encoder.scenarios, levels, fit_users=protocol.applied) if uses_llm else None
     model = build_model(cfg, encoder, tables.dim if tables else 0)
     if tables is not None:
         tables.fit_and_reduce(model)
-    data = {name: encode_split(frame, encoder, tables) for name, frame in split.frames().items()}
+    train_rows = protocol_train_rows(split, protocol)
+    frames = {**split.frames(), "train": train_rows.frame}
+    data = {name: encode_split(frame, encoder, tables) for name, frame in frames.items()}
+    if train_rows.early is not None:
+        user_rows = tables.leak_free_user_rows(train_rows.frame["user_id"], train_rows.early)
+        data["train"].user_row = torch.from_numpy(user_rows)
     if len(data["train"]) == 0 or len(data["valid"]) == 0:
         raise UserFacingError("training needs non-empty train and validation splits")
-    return Prepared(encoder, model, tables, data)
+    return Prepared(encoder, model, tables, data, train_rows.protocol)
 
 
 @dataclass
@@ -467,4 +496,5 @@ def _train(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, c
         best_epoch=stopping.best_epoch,
         early_stopping=stopping.metric,
         runtime=runtime_info(),
+        user_protocol=prepared.protocol,
     )
