@@ -54,9 +54,7 @@ from shared.models.features import FeatureEncoder  # noqa: E402
 from shared.scoring import RequestKnowledge, RequestScorer  # noqa: E402
 
 # compare's variants timed here: name -> the LLM4MSR levels (None = the plain backbone)
-VARIANTS = {
-    name: COMPARE_VARIANTS[name][2] if COMPARE_VARIANTS[name][0] else None for name in ("plain", "llm_su", "llm_sui")
-}
+VARIANTS = {name: COMPARE_VARIANTS[name].levels for name in ("plain", "llm_su", "llm_sui")}
 
 
 def random_snapshot(dataset, split, root: Path, dim: int) -> KnowledgeSnapshot:

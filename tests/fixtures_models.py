@@ -2,7 +2,10 @@
 
 - `write_planted_snapshot`: a knowledge snapshot in the real format (shared.knowledge.snapshot) whose vectors carry
   known signal: item vector = mean of hashed word vectors of the title (content), user vector = mean of the user's
-  TRAIN positive items' vectors, scenario vector = hashed words of the description. No LLM needed.
+  TRAIN positive items' vectors, scenario vector = hashed words of the description, and (unless with_fit=False) the
+  fit user table a build writes: the mean over the user's EARLY train positives only (fit_cutoff.fit_history). No
+  LLM needed.
+- `add_fit_table`: writes a fit user table into a finished snapshot version (what `--fit-share` builds).
 - `latent_task`: an in-memory dataset where the click depends on a hidden user x item affinity and on the scenario;
   `latent_snapshot` writes the hidden user/item factors as "knowledge", so the answer is known.
 - `train_tiny_artifact`: trains a small model on a dataset folder + snapshot and writes an artifact (seconds).
@@ -17,13 +20,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from offline.data.fit_cutoff import DEFAULT_FIT_SHARE, fit_history
 from offline.data.split import Split, SplitConfig, make_split
 from shared.dataset.folder import SEQ, Dataset
 from shared.knowledge.snapshot import (
     DEFAULT_USER_ID,
+    KnowledgeSnapshot,
     KnowledgeSpace,
     KnowledgeTable,
     Manifest,
+    TableCounts,
     write_manifest,
     write_table,
 )
@@ -80,8 +86,38 @@ def write_snapshot(
     return version_dir
 
 
+def add_fit_table(version_dir: Path, fit_users: dict[str, np.ndarray], share: float = DEFAULT_FIT_SHARE) -> Path:
+    """Writes the fit user table into a finished snapshot version and records it in the manifest (manifest last,
+    as the build does)."""
+    ids = list(fit_users)
+    n = len(ids)
+    vecs = np.stack([fit_users[i] for i in ids]).astype(np.float32)
+    write_table(version_dir / "users_fit.parquet", KnowledgeTable(ids, vecs, ["f" * 64] * n, [""] * n))
+    manifest = KnowledgeSnapshot(version_dir).manifest
+    manifest.fit_share, manifest.fit_counts = share, TableCounts(count=n, computed=n, reused=0)
+    write_manifest(version_dir, manifest)
+    return version_dir
+
+
+def _mean_item_vectors(history: pd.DataFrame, items: dict[str, np.ndarray], users, dim: int) -> dict[str, np.ndarray]:
+    """Per user, the mean vector of the items in its history rows (zeros for a user without any)."""
+    out = {str(u): np.zeros(dim, np.float32) for u in users}
+    for user, group in history.groupby("user_id"):
+        vecs = [items[i] for i in group["item_id"].astype(str) if i in items]
+        if vecs:
+            out[str(user)] = np.mean(vecs, axis=0).astype(np.float32)
+    return out
+
+
 def write_planted_snapshot(
-    dataset: Dataset, split: Split, root: str | Path, dim: int = 16, model: str = "planted", version: str = "v1"
+    dataset: Dataset,
+    split: Split,
+    root: str | Path,
+    dim: int = 16,
+    model: str = "planted",
+    version: str = "v1",
+    with_fit: bool = True,
+    fit_share: float = DEFAULT_FIT_SHARE,
 ) -> Path:
     """Content knowledge for any dataset folder (see module doc)."""
     items = {
@@ -92,14 +128,15 @@ def write_planted_snapshot(
             dataset.items["category"] if "category" in dataset.items.columns else [""] * len(dataset.items),
         )
     }
-    pos = split.train_positives()
-    users = {}
-    for user, group in pos.groupby("user_id"):
-        users[str(user)] = np.mean([items[i] for i in group["item_id"] if i in items], axis=0).astype(np.float32)
-    for user in pd.unique(split.train["user_id"]):
-        users.setdefault(str(user), np.zeros(dim, np.float32))
+    train_users = pd.unique(split.train["user_id"])
+    users = _mean_item_vectors(split.train_positives(), items, train_users, dim)
     scenarios = {s: _text_vec(d, dim) for s, d in zip(dataset.scenarios["scenario"], dataset.scenarios["description"])}
-    return write_snapshot(root, split, scenarios, users, items, model=model, version=version)
+    version_dir = write_snapshot(root, split, scenarios, users, items, model=model, version=version)
+    if with_fit:
+        add_fit_table(
+            version_dir, _mean_item_vectors(fit_history(split, fit_share), items, train_users, dim), fit_share
+        )
+    return version_dir
 
 
 def latent_task(
@@ -151,6 +188,7 @@ def latent_snapshot(
     noise: float = 0.1,
     model: str = "planted",
     seed: int = 1,
+    with_fit: bool = True,
 ) -> Path:
     """The hidden factors, padded with noise dimensions and mixed by a random rotation, as knowledge vectors."""
     rng = np.random.default_rng(seed)
@@ -163,7 +201,9 @@ def latent_snapshot(
     users = dict(zip([f"u{a}" for a in range(len(u))], embed(u)))
     items = dict(zip([f"i{j}" for j in range(len(v))], embed(v)))
     scen = dict(zip(dataset.scenario_names, rng.normal(size=(len(dataset.scenario_names), dim)).astype(np.float32)))
-    return write_snapshot(root, split, scen, users, items, model=model)
+    version_dir = write_snapshot(root, split, scen, users, items, model=model)
+    # The hidden factors do not depend on the history, so fit vectors equal the serve ones (nothing can leak).
+    return add_fit_table(version_dir, users) if with_fit else version_dir
 
 
 def tiny_train_config(**overrides):

@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-from test_leak_free import planted_fit_snapshot
 
 import llm4msr_cli
 from offline.data.split import SplitConfig, make_split
@@ -20,6 +19,7 @@ from offline.training.metrics import (
     summarize,
 )
 from shared.dataset.folder import read_dataset
+from tests.fixtures_models import write_planted_snapshot
 
 
 def test_ece_known_answers():
@@ -60,7 +60,7 @@ def test_summarize_reports_ece_overall_and_per_scenario():
 def test_compare_report_has_calibration_table_and_reliability_plot(synth_dir, tmp_path):
     dataset = read_dataset(synth_dir)
     split = make_split(dataset, SplitConfig())
-    kn = planted_fit_snapshot(dataset, split, tmp_path / "kn")
+    kn = write_planted_snapshot(dataset, split, tmp_path / "kn")
     out = tmp_path / "report"
     args = ["compare", "--data", str(synth_dir), "--knowledge", str(kn), "--seeds", "1", "--backbones", "star"]
     args += ["--variants", "plain,llm_su", "--epochs", "1", "--batch-size", "512", "--threads", "1", "--out", str(out)]

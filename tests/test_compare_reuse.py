@@ -10,7 +10,6 @@ import logging
 
 import pytest
 from fixtures_models import train_tiny_artifact, write_planted_snapshot
-from test_leak_free import planted_fit_snapshot
 
 import llm4msr_cli
 from offline.data.split import SplitConfig, make_split
@@ -22,7 +21,7 @@ def synth(synth_dir, tmp_path_factory):
     dataset = read_dataset(synth_dir)
     split = make_split(dataset, SplitConfig())
     root = tmp_path_factory.mktemp("kn")
-    kn = planted_fit_snapshot(dataset, split, root / "knowledge")
+    kn = write_planted_snapshot(dataset, split, root / "knowledge")
     return dataset, split, kn, root
 
 
@@ -144,7 +143,7 @@ def test_variant_sets_and_the_last_pooling_snapshot(synth_dir, synth, tmp_path, 
     assert _compare(synth_dir, kn, out, "--variants", "llm_su_last", "--epochs", "1") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "variant llm_su_last needs --knowledge-last DIR" in err
-    last = planted_fit_snapshot(dataset, split, root / "kn-last", version="v2")
+    last = write_planted_snapshot(dataset, split, root / "kn-last", version="v2")
     assert (
         _compare(synth_dir, kn, out, "--variants", "llm_su_last", "--epochs", "1", "--knowledge-last", str(last)) == 0
     )

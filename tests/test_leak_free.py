@@ -1,58 +1,26 @@
 """The leak-free protocol of the user level in training (offline/training/leakage.py): which vector each train
 row reads, the refusal of a snapshot without fit vectors, and what the artifact records.
 
-Planted knowledge (no LLM): `planted_fit_snapshot` adds to fixtures_models' planted snapshot the fit user table a
-knowledge build writes (users_fit.parquet, manifest fit_share): each user's mean item vector over the EARLY train
-positives only (offline/data/fit_cutoff.fit_history), as the serve vector is over all train positives.
+Planted knowledge (no LLM): fixtures_models' planted snapshot holds the fit user table a knowledge build writes
+(users_fit.parquet, manifest fit_share): each user's mean item vector over the EARLY train positives only (offline/data/fit_cutoff.fit_history), as the serve vector is over all train positives.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from fixtures_models import tiny_train_config, write_planted_snapshot
 
 import llm4msr_cli
-from offline.data.fit_cutoff import DEFAULT_FIT_SHARE, early_train_mask, fit_history
-from offline.data.split import Split, SplitConfig, make_split
+from offline.data.fit_cutoff import DEFAULT_FIT_SHARE, early_train_mask
+from offline.data.split import SplitConfig, make_split
 from offline.training.trainer import KnowledgeTables, prepare, seed_everything, train
 from shared.artifact import load_artifact, save_artifact
-from shared.dataset.folder import Dataset, read_dataset
+from shared.dataset.folder import read_dataset
 from shared.errors import UserFacingError
-from shared.knowledge.snapshot import KnowledgeSnapshot, KnowledgeTable, TableCounts, write_manifest, write_table
-
-
-def add_fit_table(version_dir: Path, fit_users: dict[str, np.ndarray], share: float = DEFAULT_FIT_SHARE) -> Path:
-    """Writes the fit user table into a finished snapshot version and records it in the manifest (manifest last,
-    as the build does)."""
-    ids = list(fit_users)
-    n = len(ids)
-    vecs = np.stack([fit_users[i] for i in ids]).astype(np.float32)
-    write_table(version_dir / "users_fit.parquet", KnowledgeTable(ids, vecs, ["f" * 64] * n, [""] * n))
-    manifest = KnowledgeSnapshot(version_dir).manifest
-    manifest.fit_share, manifest.fit_counts = share, TableCounts(count=n, computed=n, reused=0)
-    write_manifest(version_dir, manifest)
-    return version_dir
-
-
-def planted_fit_snapshot(
-    dataset: Dataset, split: Split, root: Path, share: float = DEFAULT_FIT_SHARE, **kwargs
-) -> Path:
-    """fixtures_models' planted snapshot plus planted fit vectors (see the module doc)."""
-    version_dir = write_planted_snapshot(dataset, split, root, **kwargs)
-    snap = KnowledgeSnapshot(version_dir)
-    items = dict(zip(snap.items().ids, snap.items().embeddings))
-    dim = snap.space.dim
-    early = fit_history(split, share)
-    fit = {u: np.zeros(dim, np.float32) for u in snap.users().ids}
-    for user, group in early.groupby("user_id"):
-        vecs = [items[i] for i in group["item_id"].astype(str) if i in items]
-        if vecs:
-            fit[str(user)] = np.mean(vecs, axis=0).astype(np.float32)
-    return add_fit_table(version_dir, fit, share)
+from shared.knowledge.snapshot import KnowledgeSnapshot
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +31,8 @@ def synth(synth_dir, tmp_path_factory):
     return (
         dataset,
         split,
-        planted_fit_snapshot(dataset, split, root / "fit"),
-        write_planted_snapshot(dataset, split, root / "serve-only"),
+        write_planted_snapshot(dataset, split, root / "fit"),
+        write_planted_snapshot(dataset, split, root / "serve-only", with_fit=False),
     )
 
 

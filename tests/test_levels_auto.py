@@ -7,7 +7,6 @@ import hashlib
 
 import pytest
 from fixtures_models import latent_snapshot, latent_task, tiny_train_config
-from test_leak_free import add_fit_table, planted_fit_snapshot
 
 import llm4msr_cli
 from offline.data.split import SplitConfig, make_split
@@ -15,6 +14,7 @@ from offline.training.trainer import train
 from shared.artifact import WEIGHTS, load_artifact
 from shared.dataset.folder import read_dataset
 from shared.knowledge.snapshot import KnowledgeSnapshot
+from tests.fixtures_models import add_fit_table, write_planted_snapshot
 
 CANDIDATES = ["none", "scenario,user", "scenario,user,item"]
 
@@ -31,7 +31,7 @@ def _train_cli(synth_dir, kn, out, *extra: str) -> int:
 def test_cli_default_is_auto_records_every_candidate_and_writes_the_chosen_model(synth_dir, tmp_path, capsys):
     dataset = read_dataset(synth_dir)
     split = make_split(dataset, SplitConfig())
-    kn = planted_fit_snapshot(dataset, split, tmp_path / "kn")
+    kn = write_planted_snapshot(dataset, split, tmp_path / "kn")
     assert _train_cli(synth_dir, kn, tmp_path / "auto") == 0
     printed = capsys.readouterr().out
     line = next(x for x in printed.splitlines() if x.startswith("levels auto (validation AUC): "))

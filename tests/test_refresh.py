@@ -24,8 +24,8 @@ from shared.errors import UserFacingError
 from shared.knowledge import keys
 from shared.redact import redact_url
 from tests.fixtures_deploy import DEPLOY, K8S, REPO, Proc, llm4msr_cmd, llm4msr_env
+from tests.fixtures_models import add_fit_table
 from tests.fixtures_serving import make_space, seeded_table, start_server, write_snapshot
-from tests.test_leak_free import add_fit_table
 
 
 @pytest.fixture(scope="module")

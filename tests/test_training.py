@@ -9,7 +9,6 @@ import math
 
 import pytest
 from fixtures_models import tiny_train_config, train_tiny_artifact, write_snapshot
-from test_leak_free import planted_fit_snapshot
 
 import llm4msr_cli
 from offline.data.split import SplitConfig, make_split
@@ -18,13 +17,14 @@ from shared.artifact import load_artifact
 from shared.dataset.folder import read_dataset
 from shared.errors import UserFacingError
 from shared.knowledge.snapshot import KnowledgeSnapshot
+from tests.fixtures_models import write_planted_snapshot
 
 
 @pytest.fixture(scope="module")
 def synth(synth_dir, tmp_path_factory):
     dataset = read_dataset(synth_dir)
     split = make_split(dataset, SplitConfig())
-    kn = planted_fit_snapshot(dataset, split, tmp_path_factory.mktemp("kn") / "knowledge")
+    kn = write_planted_snapshot(dataset, split, tmp_path_factory.mktemp("kn") / "knowledge")
     return dataset, split, kn
 
 
