@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if knowledge is not None:
         cmd += ["--knowledge", str(knowledge)]
-    server = start_server(cmd, work / "server.log")
+    server = start_server(cmd, work / "server.log", env={"LLM4MSR_KNOWLEDGE_CACHE_DIR": str(work / "knowledge-cache")})
     try:
         results = measure(server.port, normal, hostile, args.clients, args.duration, args.rounds)
     finally:

@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidates", default="20,100,300", help="candidates per request, one load phase each")
     ap.add_argument("--phase-seconds", type=float, default=20.0)
     ap.add_argument("--clients", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1, help="ranker torch threads")
+    ap.add_argument("--threads", type=int, default=1, help="ranker torch threads (per worker)")
+    ap.add_argument("--workers", type=int, default=1, help="ranker worker processes (metrics aggregated over them)")
     ap.add_argument("--rate-interval", default="10s", help="what Grafana's $__rate_interval becomes")
     args = ap.parse_args(argv)
 
@@ -90,15 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from bench.serve_bench import build_world, make_bodies, run_cell, start_server
+    from bench.serve_bench import build_world, make_bodies, run_cell, start_server, summarize
     from tests.fixtures_deploy import prom_query, start_prometheus
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="llm4msr-dashboard-"))
-    world = build_world(work, args.users, args.items_per_scenario, args.dim, epochs=1)
+    world = build_world(work, args.users, args.items_per_scenario, args.dim, epochs=1, variants=["llm4msr-item"])
     artifact = world["artifacts"]["llm4msr-item"]
-    server, port = start_server(artifact, world["knowledge"], work / "ranker.log", args.threads)
+    env = {"LLM4MSR_KNOWLEDGE_CACHE_DIR": str(work / "knowledge-cache")}
+    server, port = start_server(artifact, world["knowledge"], work / "ranker.log", args.threads, args.workers, env)
     base, prom = start_prometheus(work, f"127.0.0.1:{port}")
     phases = []
     try:
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             scenario = world["scenarios"][k % len(world["scenarios"])]
             bodies = make_bodies(world["users"], world["items"], scenario, min(n, len(world["items"])), 200, seed=k)
             t0 = time.time() - t_start
-            cell = run_cell(port, bodies, args.clients, 10**6, 10, args.phase_seconds)
+            cell = summarize([run_cell(port, bodies, args.clients, 10**6, 10, args.phase_seconds)])
             phases.append(
                 {
                     "candidates": n,

@@ -10,7 +10,11 @@ recovery time:
                   that version's snapshot, so a user vector of one version mixed with items of another is caught).
 3. corrupt-publish  A snapshot whose user vectors have a wrong length in some rows is published. The publish must
                   fail before the `llm4msr:kn:current` flip; the ranker keeps answering from the old version.
-4. kill-9-build   `llm4msr knowledge build` (a tiny randomly initialised transformers model) is killed with SIGKILL
+4. kill-9-worker  A ranker with --worker-count worker processes is under load when the worker holding the most
+                  client connections is killed with SIGKILL. Expect the supervisor to start a replacement, the other
+                  workers to keep answering meanwhile, and the only failed requests to be those in flight on the
+                  killed worker's connections (at most one per connection; never an HTTP 5xx).
+5. kill-9-build   `llm4msr knowledge build` (a tiny randomly initialised transformers model) is killed with SIGKILL
                   in the middle of the user phase and run again; the snapshot must equal an uninterrupted build.
 
 `--short` is the form CI runs (tests/test_fault_drills.py): smaller world, 2 s outage. The full form:
@@ -62,6 +66,8 @@ class Answer:
     status: int
     body: dict | None
     request: dict
+    worker: int | None = None  # pid of the worker process holding the connection (when the load asked for it)
+    client: int = 0
 
 
 @dataclass
@@ -75,6 +81,7 @@ class Load:
     items: list[str]
     clients: int = 4
     candidates: int = 50
+    track_workers: bool = False  # ask each new connection which worker holds it (GET /readyz)
     answers: list[Answer] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -82,10 +89,8 @@ class Load:
     t0: float = 0.0
 
     def _client(self, seed: int) -> None:
-        from bench.serve_bench import HTTPConn
-
         rng = random.Random(seed)
-        conn = HTTPConn("127.0.0.1", self.port)
+        conn, worker = self._connect()
         try:
             while not self._stop.is_set():
                 req = {
@@ -101,11 +106,28 @@ class Load:
                 except (ConnectionError, OSError):
                     status, body = 0, None  # connection-level failure: counted as non-2xx
                     conn.close()
-                    conn = HTTPConn("127.0.0.1", self.port)
+                    conn, next_worker = self._connect()
+                else:
+                    next_worker = worker
                 with self._lock:
-                    self.answers.append(Answer(t, time.perf_counter() - self.t0, status, body, req))
+                    self.answers.append(Answer(t, time.perf_counter() - self.t0, status, body, req, worker, seed))
+                worker = next_worker
         finally:
             conn.close()
+
+    def _connect(self) -> tuple:
+        from bench.serve_bench import HTTPConn
+
+        for _ in range(100):  # right after a kill the port may refuse for a moment
+            try:
+                conn = HTTPConn("127.0.0.1", self.port)
+                if not self.track_workers:
+                    return conn, None
+                status, raw = conn.request("GET", "/readyz")
+                return conn, json.loads(raw)["worker_pid"]
+            except (ConnectionError, OSError):
+                time.sleep(0.05)
+        raise ConnectionError(f"cannot connect to the ranker on port {self.port}")
 
     def start(self) -> Load:
         self.t0 = time.perf_counter()
@@ -289,6 +311,86 @@ def drill_corrupt_publish(world, redis: DurableRedis, port: int, settle_s: float
     )
 
 
+def worker_pids(parent: int) -> set[int]:
+    """The uvicorn worker processes of a `serve --workers N` parent (its spawned children, not the tracker)."""
+    out = set()
+    for pid in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.add(int(pid))
+        except OSError:  # exited meanwhile
+            pass
+    return out
+
+
+def drill_kill_worker(world, redis: DurableRedis, work: Path, workers: int, settle_s: float) -> dict:
+    from tests.fixtures_serving import start_server
+
+    server = start_server(
+        ["--artifact", str(world.artifact), "--redis-url", redis.url],
+        work / "ranker-workers.log",
+        env={"LLM4MSR_WORKERS": str(workers), "LLM4MSR_POLL_INTERVAL_S": "0.2"},
+        timeout=240,
+    )
+    try:
+        before = worker_pids(server.proc.pid)
+        load = Load(server.port, world.users, world.scenarios, world.items, track_workers=True).start()
+        time.sleep(settle_s)
+        held = [a.worker for a in list(load.answers)[-50:]]
+        victim = max(before, key=held.count)
+        kill_at = load.now()
+        os.kill(victim, signal.SIGKILL)
+        replaced_at = None
+        deadline = time.time() + 240
+        while time.time() < deadline and replaced_at is None:
+            time.sleep(0.1)
+            fresh = worker_pids(server.proc.pid) - before
+            if fresh and _answering_pids(server.url) & fresh:  # the replacement accepts requests
+                replaced_at = load.now()
+        time.sleep(settle_s)
+        answers = load.stop()
+        alive = server.proc.poll() is None
+    finally:
+        server.stop()
+    return summarize_kill(answers, victim, kill_at, replaced_at, alive, workers)
+
+
+def _answering_pids(url: str, tries: int = 10) -> set[int]:
+    """Worker pids that answer /readyz on new connections (the kernel hands them to any accepting worker)."""
+    import httpx
+
+    pids = set()
+    for _ in range(tries):
+        try:
+            pids.add(httpx.get(url + "/readyz", timeout=2).json()["worker_pid"])
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+    return pids
+
+
+def summarize_kill(answers: list[Answer], victim: int, kill_at: float, replaced_at: float | None, alive, workers):
+    """Failures are expected only on the connections the killed worker held (at most one request each)."""
+    last_worker: dict[int, int | None] = {}
+    for a in answers:
+        if a.started < kill_at:
+            last_worker[a.client] = a.worker
+    failed = [a for a in answers if a.status != 200]
+    return summarize(
+        "kill-9-worker",
+        answers,
+        workers=workers,
+        connections_on_killed_worker=sum(1 for w in last_worker.values() if w == victim),
+        failed=len(failed),
+        failed_on_killed_worker=sum(1 for a in failed if a.worker == victim),
+        http_5xx=sum(1 for a in answers if a.status >= 500),
+        answered_while_replacing=sum(
+            1 for a in answers if a.status == 200 and kill_at <= a.started < (replaced_at or kill_at)
+        ),
+        replaced_after_s=round(replaced_at - kill_at, 2) if replaced_at is not None else None,
+        server_alive=bool(alive),
+    )
+
+
 def drill_kill_build(work: Path, users: int, max_new_tokens: int) -> dict:
     from offline.data.synth import SynthConfig, generate
     from shared.dataset.folder import write_dataset
@@ -398,6 +500,10 @@ def run(args: argparse.Namespace) -> list[dict]:
             print(json.dumps(rows[-1]), flush=True)
         if server.proc.poll() is not None:
             raise RuntimeError(f"the ranker died during the drills:\n{server.log()[-3000:]}")
+        server.stop()
+        if "kill-9-worker" in wanted:
+            rows.append(drill_kill_worker(world, redis, work, args.worker_count, args.settle_s))
+            print(json.dumps(rows[-1]), flush=True)
     finally:
         if server is not None:
             server.stop()
@@ -422,7 +528,13 @@ def print_table(rows: list[dict]) -> None:
             print(f"{r['drill']:<16} {'-':>8} {'-':>7} {'-':>4}  {'-':>7}  {outcome}")
             continue
         fb = ", ".join(f"{k} {v}" for k, v in sorted(r["fallbacks"].items())) or "none"
-        if r["drill"] == "redis-outage":
+        if r["drill"] == "kill-9-worker":
+            outcome = (
+                f"{r['failed']} failed, {r['failed_on_killed_worker']} of them on the killed worker's "
+                f"{r['connections_on_killed_worker']} connections; replaced after {r['replaced_after_s']} s, "
+                f"{r['answered_while_replacing']} answered meanwhile"
+            )
+        elif r["drill"] == "redis-outage":
             outcome = f"{fb}; recovery {r['recovery_s']} s after restart"
         elif r["drill"] == "version-flips":
             outcome = (
@@ -446,6 +558,17 @@ def failures(rows: list[dict]) -> list[str]:
             if r["visible_after_kill"] or not r["equal_to_uninterrupted"] or r["killed_after_user_shards"] is None:
                 bad.append(f"{name}: {r}")
             continue
+        if name == "kill-9-worker":
+            if (
+                r["http_5xx"]
+                or r["failed"] != r["failed_on_killed_worker"]
+                or r["failed"] > r["connections_on_killed_worker"]
+                or r["replaced_after_s"] is None
+                or not r["answered_while_replacing"]
+                or not r["server_alive"]
+            ):
+                bad.append(f"{name}: {r}")
+            continue
         if r["5xx"]:
             bad.append(f"{name}: {r['5xx']} server errors")
         if name == "redis-outage":
@@ -463,7 +586,8 @@ def failures(rows: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--short", action="store_true", help="the CI form: smaller world, 2 s outage")
-    p.add_argument("--drills", default="redis-outage,version-flips,corrupt-publish,kill-9-build")
+    p.add_argument("--drills", default="redis-outage,version-flips,corrupt-publish,kill-9-worker,kill-9-build")
+    p.add_argument("--worker-count", type=int, default=2, help="worker processes of the kill-9-worker ranker")
     p.add_argument("--users", type=int, help="users with knowledge (default 400; --short 150)")
     p.add_argument("--cache-size", type=int, default=16, help="the ranker's user LRU (far below --users)")
     p.add_argument("--dim", type=int, default=32, help="knowledge vector size of the drill snapshots")

@@ -1,21 +1,29 @@
-"""End-to-end latency of the ranking service over loopback HTTP, and of the design the paper avoids.
+r"""End-to-end latency of the ranking service over loopback HTTP, with 1 and N worker processes side by side, and
+of the design the paper avoids.
 
 What it does:
 1. builds a synthetic world (dataset, split, a knowledge snapshot with seeded vectors of SmolLM2's hidden size
    576 unless --dim says otherwise) and trains three STAR models on it: `plain` (the backbone alone), `llm4msr`
    (the paper's scenario- and user-level meta layers) and `llm4msr-item` (plus the item level); or uses
    --artifact-plain/--artifact-llm/--knowledge given on the command line;
-2. starts one `llm4msr serve` subprocess per model and drives POST /rank from separate load-generator processes
-   (one per concurrent client, persistent connection, TCP_NODELAY, each request in one write) for every
-   (candidates, clients) cell, alternating between the models in --rounds short rounds so that background load on
-   a shared machine affects them alike; bounded by --requests per client and --duration seconds per cell and model;
-3. answers the same request by running the embedded LLM (SmolLM2-135M) at request time: the user prompt is built
+2. starts one `llm4msr serve` subprocess per model and worker count (--workers, default 1 and the usable cores)
+   and drives POST /rank from separate load-generator processes (one per concurrent client, persistent
+   connection, TCP_NODELAY, each request in one write) for every (candidates, clients) cell (--cells, or
+   --candidates x --clients), alternating between the servers in --rounds short rounds so that background load on
+   a shared machine affects them alike; bounded by --requests per client and --duration seconds per cell and server;
+3. with --memory, measures the resident memory (RSS, PSS, private) of the LLM4MSR server with 1, 2, 4 workers
+   (--memory-workers) on a snapshot of amazon-arts-office's size (9,577 users, 38,396 items, dim --dim), whose
+   vectors the workers share through memory-mapped files;
+4. answers the same request by running the embedded LLM (SmolLM2-135M) at request time: the user prompt is built
    from the user's history and embedded (encode mode; and with --llm-generate, generated then embedded, the paper's
    mode), then the same model scores the candidates;
-4. prints p50/p95/p99 latency and requests/s per cell side by side, the LLM4MSR/plain p99 ratios and the
-   request-time-LLM/LLM4MSR p50 ratio; --json OUT writes everything, --plots DIR writes PNG latency plots.
+5. prints p50/p95/p99 latency and requests/s per cell side by side, the LLM4MSR/plain p99 ratios, N-worker over
+   1-worker throughput and the request-time-LLM/LLM4MSR p50 ratio; --json OUT writes everything, --plots DIR
+   writes PNG latency plots.
 
-Example: python bench/serve_bench.py --json /tmp/serve_bench.json --plots /tmp/serve_plots
+The issue-16 comparison (old = --workers 1, new = the cores), as one run:
+    python bench/serve_bench.py --cells 500x4,100x1,500x1 --variants plain,llm4msr --workers 1,2 --memory \
+        --llm-encode 0 --llm-generate 0 --json /tmp/serve_bench.json
 """
 
 from __future__ import annotations
@@ -54,8 +62,11 @@ class HTTPConn:
         self.buf = b""
 
     def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        return self.request("POST", path, body)
+
+    def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
         head = (
-            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode()
         self.sock.sendall(head + body)
@@ -183,42 +194,66 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(artifact: Path, knowledge: Path | None, log: Path, threads: int) -> tuple[subprocess.Popen, int]:
-    import httpx
-
+def start_server(
+    artifact: Path, knowledge: Path | None, log: Path, threads: int, workers: int = 1, env: dict | None = None
+) -> tuple[subprocess.Popen, int]:
+    """`llm4msr serve` with `workers` processes, returned once every worker answers /readyz."""
     port = free_port()
     cmd = [
-        sys.executable,
-        "-m",
-        "llm4msr_cli",
-        "serve",
-        "--artifact",
-        str(artifact),
-        "--port",
-        str(port),
-        "--torch-threads",
-        str(threads),
-        "--max-candidates",
-        "5000",
-        "--max-body-bytes",
-        "10000000",
-    ]
+        sys.executable, "-m", "llm4msr_cli", "serve", "--artifact", str(artifact), "--port", str(port),
+        "--torch-threads", str(threads), "--max-candidates", "5000", "--max-body-bytes", "10000000",
+        "--workers", str(workers),
+    ]  # fmt: skip
     if knowledge is not None:
         cmd += ["--knowledge", str(knowledge)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 120 + 60 * workers
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            pass
+        if len(ready_workers(port)) >= workers:
+            return proc, port
         time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"server not ready: {log.read_text()}")
+
+
+def ready_workers(port: int, tries: int = 12) -> set[int]:
+    """Pids of the workers that answer /readyz 200 on new connections (any accepting worker may take one)."""
+    import httpx
+
+    pids = set()
+    for _ in range(tries):
+        try:
+            r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1)
+            if r.status_code == 200:
+                pids.add(r.json()["worker_pid"])
+        except httpx.HTTPError:
+            return pids
+    return pids
+
+
+def process_tree_memory(pid: int) -> dict:
+    """Resident memory of a server (MiB): the parent and each worker process (RSS counts shared pages in full,
+    PSS splits them between the processes that map them, private = pages no other process maps)."""
+
+    def one(p: int) -> dict:
+        fields = {}
+        for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()[1:]:
+            name, value = line.split(":", 1)
+            fields[name] = int(value.split()[0]) / 1024
+        private = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+        return {"pid": p, "rss_mb": fields["Rss"], "pss_mb": fields["Pss"], "private_mb": private}
+
+    children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    workers = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    procs = [one(pid)] + [one(c) for c in workers]
+    return {
+        "processes": procs,
+        "rss_mb": sum(x["rss_mb"] for x in procs),
+        "pss_mb": sum(x["pss_mb"] for x in procs),
+    }
 
 
 def make_bodies(users: list[str], items: list[str], scenario: str, n: int, count: int, seed: int) -> list[bytes]:
@@ -368,36 +403,54 @@ def _plain_transformers(dataset, split, users, threads):
 # Report
 
 
+def series(cell: dict) -> str:
+    """A server's name in the tables: model variant and worker processes."""
+    return f"{cell['variant']} w{cell['workers']}"
+
+
 def print_table(cells: list[dict]) -> None:
-    by = {(c["variant"], c["candidates"], c["clients"]): c for c in cells}
+    by = {(series(c), c["candidates"], c["clients"]): c for c in cells}
     keys = sorted({(c["candidates"], c["clients"]) for c in cells})
-    variants = list(dict.fromkeys(c["variant"] for c in cells))
-    others = [v for v in variants if v != "plain"] if "plain" in variants else []
+    names = list(dict.fromkeys(series(c) for c in cells))
+    ratios = [(n, n.replace(n.split()[0], "plain", 1)) for n in names if not n.startswith("plain")]
+    ratios = [(n, base) for n, base in ratios if base in names]
     width = 31
+    print(f"{'cands':>5} {'clients':>7} | " + " | ".join(f"{n:^{width}}" for n in names)
+          + "".join(f" | p99 {n}/plain" for n, _ in ratios))  # fmt: skip
     print(
-        f"{'cands':>5} {'clients':>7} | "
-        + " | ".join(f"{v:^{width}}" for v in variants)
-        + "".join(f" | p99 {v}/plain" for v in others)
-    )
-    print(
-        f"{'':>5} {'':>7} | "
-        + " | ".join(f"{'p50':>6} {'p95':>6} {'p99':>6} {'req/s':>6} {'err':>3}" for _ in variants)
+        f"{'':>5} {'':>7} | " + " | ".join(f"{'p50':>6} {'p95':>6} {'p99':>6} {'req/s':>6} {'err':>3}" for _ in names)
     )
     for n, c in keys:
         parts = []
-        for v in variants:
-            x = by.get((v, n, c))
+        for name in names:
+            x = by.get((name, n, c))
             parts.append(
                 f"{x['p50_ms']:6.2f} {x['p95_ms']:6.2f} {x['p99_ms']:6.2f} {x['rps']:6.0f} {x['errors']:3d}"
                 if x
                 else " " * width
             )
-        ratios = ""
-        for v in others:
-            if by.get(("plain", n, c)) and by.get((v, n, c)):
-                r = by[(v, n, c)]["p99_ms"] / by[("plain", n, c)]["p99_ms"]
-                ratios += f" | {r:{len(v) + 10}.2f}"
-        print(f"{n:>5} {c:>7} | " + " | ".join(parts) + ratios)
+        line = f"{n:>5} {c:>7} | " + " | ".join(parts)
+        for name, base in ratios:
+            if by.get((base, n, c)) and by.get((name, n, c)):
+                line += f" | {by[(name, n, c)]['p99_ms'] / by[(base, n, c)]['p99_ms']:{len(name) + 10}.2f}"
+        print(line)
+
+
+def print_memory(rows: list[dict]) -> None:
+    print("\nresident memory (MiB) of llm4msr servers with amazon-arts-office-sized snapshot knowledge:")
+    print(f"{'workers':>7} | {'RSS all':>8} {'PSS all':>8} | {'parent PSS':>10} | {'worker RSS':>10} {'PSS':>6} "
+          f"{'private':>7} | {'PSS added per worker':>20}")  # fmt: skip
+    prev = None
+    for r in rows:
+        workers = r["processes"][1:] or r["processes"]
+        mean = {k: statistics.mean(w[k] for w in workers) for k in ("rss_mb", "pss_mb", "private_mb")}
+        parent = r["processes"][0]["pss_mb"] if len(r["processes"]) > 1 else 0.0
+        added = ""
+        if prev is not None:
+            added = f"{(r['pss_mb'] - prev['pss_mb']) / (r['workers'] - prev['workers']):20.1f}"
+        print(f"{r['workers']:>7} | {r['rss_mb']:8.1f} {r['pss_mb']:8.1f} | {parent:10.1f} | {mean['rss_mb']:10.1f} "
+              f"{mean['pss_mb']:6.1f} {mean['private_mb']:7.1f} | {added}")  # fmt: skip
+        prev = r
 
 
 def write_plots(cells: list[dict], out: Path) -> list[Path]:
@@ -410,26 +463,21 @@ def write_plots(cells: list[dict], out: Path) -> list[Path]:
     keys = sorted({(c["candidates"], c["clients"]) for c in cells})
     ncand = sorted({k[0] for k in keys})
     ncli = sorted({k[1] for k in keys})
-    by = {(c["variant"], c["candidates"], c["clients"]): c for c in cells}
-    colors = {"plain": "tab:blue", "llm4msr": "tab:orange", "llm4msr-item": "tab:green"}
+    by = {(series(c), c["candidates"], c["clients"]): c for c in cells}
+    names = list(dict.fromkeys(series(c) for c in cells))
+    colors = dict(zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
     paths = []
 
     fig, axes = plt.subplots(len(ncand), len(ncli), figsize=(5 * len(ncli), 3.2 * len(ncand)), squeeze=False)
     for i, n in enumerate(ncand):
         for j, c in enumerate(ncli):
             ax = axes[i][j]
-            hi = max((np.percentile(by[(v, n, c)]["latencies_ms"], 99.5) for v in colors if (v, n, c) in by), default=1)
+            hi = max((np.percentile(by[(v, n, c)]["latencies_ms"], 99.5) for v in names if (v, n, c) in by), default=1)
             for v, col in colors.items():
                 x = by.get((v, n, c))
                 if x:
-                    ax.hist(
-                        x["latencies_ms"],
-                        bins=60,
-                        range=(0, hi),
-                        alpha=0.55,
-                        color=col,
-                        label=f"{v} p99 {x['p99_ms']:.1f} ms",
-                    )
+                    label = f"{v} p99 {x['p99_ms']:.1f} ms"
+                    ax.hist(x["latencies_ms"], bins=60, range=(0, hi), alpha=0.55, color=col, label=label)
             ax.set_title(f"{n} candidates, {c} client(s)")
             ax.set_xlabel("latency (ms)")
             ax.legend(fontsize=8)
@@ -446,21 +494,8 @@ def write_plots(cells: list[dict], out: Path) -> list[Path]:
             ax = axes[i][j]
             for v, col in colors.items():
                 x = by.get((v, n, c))
-                if not x:
-                    continue
-                starts = np.array(x["starts_s"])
-                lat = np.array(x["latencies_ms"])
-                step = max(starts.max() / 20, 0.05)  # ~20 windows per cell
-                edges = np.arange(0, starts.max() + step, step)
-                mids, p50, p99 = [], [], []
-                for a, b in zip(edges[:-1], edges[1:], strict=True):
-                    sel = lat[(starts >= a) & (starts < b)]
-                    if len(sel) >= 5:
-                        mids.append((a + b) / 2)
-                        p50.append(np.percentile(sel, 50))
-                        p99.append(np.percentile(sel, 99))
-                ax.plot(mids, p50, color=col, marker=".", label=f"{v} p50")
-                ax.plot(mids, p99, color=col, marker=".", linestyle="--", label=f"{v} p99")
+                if x:
+                    _plot_over_time(ax, x, v, col)
             ax.set_title(f"{n} candidates, {c} client(s)")
             ax.set_xlabel("time since start of the cell (s), ~20 windows")
             ax.set_ylabel("ms")
@@ -474,17 +509,126 @@ def write_plots(cells: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+def _plot_over_time(ax, cell: dict, name: str, color: str) -> None:
+    starts = np.array(cell["starts_s"])
+    lat = np.array(cell["latencies_ms"])
+    step = max(starts.max() / 20, 0.05)  # ~20 windows per cell
+    edges = np.arange(0, starts.max() + step, step)
+    mids, p50, p99 = [], [], []
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        sel = lat[(starts >= a) & (starts < b)]
+        if len(sel) >= 5:
+            mids.append((a + b) / 2)
+            p50.append(np.percentile(sel, 50))
+            p99.append(np.percentile(sel, 99))
+    ax.plot(mids, p50, color=color, marker=".", label=f"{name} p50")
+    ax.plot(mids, p99, color=color, marker=".", linestyle="--", label=f"{name} p99")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runs
+
+
+def parse_cells(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(candidates, clients) per cell: --cells 500x4,100x1, else every --candidates x --clients."""
+    if args.cells:
+        return [(int(n), int(c)) for n, c in (cell.split("x") for cell in args.cells.split(","))]
+    return [(int(n), int(c)) for n in args.candidates.split(",") for c in args.clients.split(",")]
+
+
+def measure_cells(servers: dict, bodies: dict, cells: list[tuple[int, int]], args: argparse.Namespace) -> list[dict]:
+    """Every cell on every server, alternating between the servers in --rounds short rounds, so that background
+    load on a shared machine hits them alike (fair ratios)."""
+    out = []
+    names = list(servers)
+    for n, c in cells:
+        parts: dict[tuple, list[dict]] = {k: [] for k in names}
+        for r in range(args.rounds):
+            for key in names[r % len(names) :] + names[: r % len(names)]:
+                requests, duration = max(1, args.requests // args.rounds), args.duration / args.rounds
+                parts[key].append(run_cell(servers[key][1], bodies[n], c, requests, args.warmup, duration))
+        for variant, workers in names:
+            cell = summarize(parts[(variant, workers)])
+            cell.update(variant=variant, workers=workers, candidates=n, clients=c)
+            out.append(cell)
+            print(
+                f"{series(cell):14s} {n:5d} cands {c} clients: p50 {cell['p50_ms']:.2f} p99 {cell['p99_ms']:.2f} "
+                f"ms, {cell['rps']:.0f} req/s, {cell['errors']} errors",
+                flush=True,
+            )
+    return out
+
+
+def measure_memory(world: dict, artifact: Path, work: Path, args: argparse.Namespace) -> list[dict]:
+    """Resident memory of the LLM4MSR server per worker count, on a snapshot of amazon-arts-office's size
+    (--memory-users x --memory-items vectors of --dim) in the model's knowledge space."""
+    from online.knowledge import SnapshotKnowledgeStore
+    from tests.fixtures_serving import make_space, write_snapshot
+
+    users = [f"mu{i}" for i in range(args.memory_users)] + list(world["users"])
+    items = [f"mi{i}" for i in range(args.memory_items)] + list(world["items"])
+    root = work / "memory-knowledge"
+    write_snapshot(root, "big", world["scenarios"], users, items, make_space(args.dim), seed=7)
+    cache = work / "knowledge-cache"
+    SnapshotKnowledgeStore(root, None, cache_dir=cache).load_published()  # converted once, as a deployment would
+    env = {"LLM4MSR_KNOWLEDGE_CACHE_DIR": str(cache)}
+    rows = []
+    bodies = make_bodies(world["users"], world["items"], world["scenarios"][0], 100, 8, seed=1)
+    for workers in sorted({int(w) for w in args.memory_workers.split(",")}):
+        proc, port = start_server(artifact, root, work / f"memory-{workers}.log", args.torch_threads, workers, env)
+        try:
+            run_cell(port, bodies, max(1, workers), 20, 5, 5.0)  # every worker has served requests
+            row = process_tree_memory(proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        row["workers"] = workers
+        rows.append(row)
+        print(f"memory, {workers} workers: RSS {row['rss_mb']:.0f} MiB, PSS {row['pss_mb']:.0f} MiB", flush=True)
+    return rows
+
+
+def summary_of(cells: list[dict]) -> dict:
+    """The issue's criteria: per worker count, LLM4MSR p99 and throughput at 500 x 4, p50 at 100 x 1, the
+    LLM4MSR/plain p99 at 500 candidates; and throughput of N workers over 1."""
+    ref = {(c["variant"], c["workers"], c["candidates"], c["clients"]): c for c in cells}
+    out = {}
+    for (variant, workers, n, c), cell in ref.items():
+        if variant != "llm4msr":
+            continue
+        tag = f"w{workers}_{n}x{c}"
+        out[f"llm4msr_{tag}_p50_ms"] = cell["p50_ms"]
+        out[f"llm4msr_{tag}_p99_ms"] = cell["p99_ms"]
+        out[f"llm4msr_{tag}_rps"] = cell["rps"]
+        plain = ref.get(("plain", workers, n, c))
+        if plain is not None and n == 500:
+            out[f"p99_ratio_llm4msr_over_plain_{tag}"] = cell["p99_ms"] / plain["p99_ms"]
+        one = ref.get((variant, 1, n, c))
+        if workers > 1 and one is not None:
+            out[f"rps_ratio_llm4msr_w{workers}_over_w1_{n}x{c}"] = cell["rps"] / one["rps"]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from online.settings import usable_cores
+
+    cores = usable_cores()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--candidates", default="100,500,1000", help="comma-separated candidate counts")
     ap.add_argument("--clients", default="1,4", help="comma-separated concurrent client counts")
+    ap.add_argument("--cells", help="exact cells instead of candidates x clients, e.g. 500x4,100x1")
+    ap.add_argument(
+        "--workers",
+        default="1" if cores == 1 else f"1,{cores}",
+        help=f"comma-separated worker counts, each a server per variant (default 1 and the usable cores, {cores})",
+    )
     ap.add_argument("--requests", type=int, default=900, help="requests per client per cell and variant (bound)")
     ap.add_argument("--duration", type=float, default=6.0, help="seconds per cell and variant (upper bound)")
     ap.add_argument("--warmup", type=int, default=20, help="unmeasured requests per client per round")
-    ap.add_argument("--rounds", type=int, default=3, help="alternations between the variants per cell")
+    ap.add_argument("--rounds", type=int, default=3, help="alternations between the servers per cell")
     ap.add_argument(
         "--variants",
         default="plain,llm4msr,llm4msr-item",
@@ -497,7 +641,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--artifact-plain", help="use this plain artifact instead of the synthetic one")
     ap.add_argument("--artifact-llm", help="use this LLM4MSR artifact instead of the synthetic one")
     ap.add_argument("--knowledge", help="knowledge snapshot for --artifact-llm")
-    ap.add_argument("--torch-threads", type=int, default=1, help="server torch threads")
+    ap.add_argument("--torch-threads", type=int, default=1, help="server torch threads (per worker)")
+    ap.add_argument("--memory", action="store_true", help="also measure resident memory per worker count")
+    ap.add_argument("--memory-users", type=int, default=9577, help="users of that snapshot (amazon-arts-office)")
+    ap.add_argument("--memory-items", type=int, default=38396, help="items of that snapshot (amazon-arts-office)")
+    ap.add_argument("--memory-workers", default="1,2,4", help="worker counts whose memory is measured")
     ap.add_argument("--llm-encode", type=int, default=5, help="request-time LLM requests, encode mode (0 = skip)")
     ap.add_argument("--llm-generate", type=int, default=1, help="request-time LLM requests, generate mode")
     ap.add_argument("--llm-candidates", type=int, default=500)
@@ -512,14 +660,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", help="working folder (default: a temp dir)")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--plots", help="write PNG plots into this folder")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     load_before = os.getloadavg()[0]  # the machine's other work, before the bench adds its own
     if args.nice:
         os.nice(args.nice)
-    cands = [int(x) for x in args.candidates.split(",")]
-    clients = [int(x) for x in args.clients.split(",")]
+    cells = parse_cells(args)
     variants = args.variants.split(",")
+    worker_counts = [int(x) for x in args.workers.split(",")]
     work = Path(args.work or tempfile.mkdtemp(prefix="serve_bench_"))
     work.mkdir(parents=True, exist_ok=True)
 
@@ -533,47 +684,25 @@ def main(argv: list[str] | None = None) -> int:
         knowledge = Path(args.knowledge) if args.knowledge else knowledge
 
     scenario = world["scenarios"][0]
-    bodies = {n: make_bodies(world["users"], world["items"], scenario, n, 64, seed=n) for n in cands}
-    # All servers run side by side (an idle one costs no CPU) and every cell alternates between the variants in
-    # short rounds, so that background load on a shared machine hits all variants alike (fair ratios).
-    servers = {}
+    bodies = {n: make_bodies(world["users"], world["items"], scenario, n, 64, seed=n) for n, _ in cells}
+    # All servers run side by side (an idle one costs no CPU).
+    servers: dict[tuple[str, int], tuple[subprocess.Popen, int]] = {}
+    stages = {}
     try:
+        env = {"LLM4MSR_KNOWLEDGE_CACHE_DIR": str(work / "knowledge-cache")}  # memory-mapped copies stay in work
         for v in variants:
-            servers[v] = start_server(
-                artifacts[v], knowledge if v != "plain" else None, work / f"server-{v}.log", args.torch_threads
-            )
-        cells, stages = [], {}
-        for n in cands:
-            for c in clients:
-                parts: dict[str, list[dict]] = {v: [] for v in variants}
-                for r in range(args.rounds):
-                    order = variants[r % len(variants) :] + variants[: r % len(variants)]
-                    for v in order:
-                        parts[v].append(
-                            run_cell(
-                                servers[v][1],
-                                bodies[n],
-                                c,
-                                max(1, args.requests // args.rounds),
-                                args.warmup,
-                                args.duration / args.rounds,
-                            )
-                        )
-                for v in variants:
-                    cell = summarize(parts[v])
-                    cell.update(variant=v, candidates=n, clients=c)
-                    cells.append(cell)
-                    print(
-                        f"{v:12s} {n:5d} cands {c} clients: p50 {cell['p50_ms']:.2f} p99 {cell['p99_ms']:.2f} ms, "
-                        f"{cell['rps']:.0f} req/s, {cell['errors']} errors",
-                        flush=True,
-                    )
-        for v, (_, port) in servers.items():
-            stages[v] = stage_means(port)
+            for w in worker_counts:
+                log = work / f"server-{v}-w{w}.log"
+                kn = knowledge if v != "plain" else None
+                servers[(v, w)] = start_server(artifacts[v], kn, log, args.torch_threads, w, env)
+        results = measure_cells(servers, bodies, cells, args)
+        for (v, w), (_, port) in servers.items():
+            stages[f"{v} w{w}"] = stage_means(port)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
-            proc.wait(timeout=15)
+            proc.wait(timeout=30)
+    memory = measure_memory(world, artifacts.get("llm4msr", artifacts[variants[0]]), work, args) if args.memory else []
 
     llm = None
     if args.llm_encode > 0 or args.llm_generate > 0:
@@ -585,26 +714,25 @@ def main(argv: list[str] | None = None) -> int:
             args.llm_generate,
             threads=args.llm_threads,
         )
+    report(args, results, stages, memory, llm, load_before)
+    return 0
 
+
+def report(args, cells: list[dict], stages: dict, memory: list[dict], llm: dict | None, load_before: float) -> None:
     print()
     print(
         f"POST /rank over loopback HTTP, latency in ms ({platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, server torch threads {args.torch_threads}, nice {args.nice}, "
+        f"{os.cpu_count()} cores, server torch threads {args.torch_threads} per worker, nice {args.nice}, "
         f"1-min load average {load_before:.1f} before the run)"
     )
     print_table(cells)
-    for v, st in stages.items():
-        print(f"{v} mean stage times (ms, all cells): " + ", ".join(f"{k} {x:.3f}" for k, x in st.items()))
-    summary = {}
-    ref = {(c["variant"], c["candidates"], c["clients"]): c for c in cells}
-    if ("llm4msr", 500, 4) in ref:
-        summary["llm4msr_500x4_p99_ms"] = ref[("llm4msr", 500, 4)]["p99_ms"]
-    if ("llm4msr", 500, 4) in ref and ("plain", 500, 4) in ref:
-        summary["p99_ratio_llm4msr_over_plain_500x4"] = (
-            ref[("llm4msr", 500, 4)]["p99_ms"] / ref[("plain", 500, 4)]["p99_ms"]
-        )
+    for name, st in stages.items():
+        print(f"{name} mean stage times (ms, all cells): " + ", ".join(f"{k} {x:.3f}" for k, x in st.items()))
+    if memory:
+        print_memory(memory)
+    summary = summary_of(cells)
     if llm is not None:
-        base = ref.get(("llm4msr", args.llm_candidates, 1))
+        base = next((c for c in cells if (c["variant"], c["candidates"], c["clients"]) == ("llm4msr", 500, 1)), None)
         print(f"request-time LLM via {llm['how']} (model load {llm['load_s']} s, not counted):")
         for mode in ("encode", "generate"):
             if mode in llm:
@@ -620,21 +748,17 @@ def main(argv: list[str] | None = None) -> int:
         for p in write_plots(cells, Path(args.plots)):
             print(f"plot: {p}")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "command": " ".join(sys.argv),
-                    "cells": cells,
-                    "stages_ms": stages,
-                    "request_time_llm": llm,
-                    "summary": summary,
-                    "load_average_before": load_before,
-                },
-                indent=1,
-            )
-        )
+        doc = {
+            "command": " ".join(sys.argv),
+            "cells": cells,
+            "stages_ms": stages,
+            "memory": memory,
+            "request_time_llm": llm,
+            "summary": summary,
+            "load_average_before": load_before,
+        }
+        Path(args.json).write_text(json.dumps(doc, indent=1))
         print(f"json: {args.json}")
-    return 0
 
 
 if __name__ == "__main__":

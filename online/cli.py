@@ -1,4 +1,4 @@
-"""CLI registration of `llm4msr serve`: the ranking service on uvicorn, one worker."""
+"""CLI registration of `llm4msr serve`: the ranking service on uvicorn, one or several worker processes."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class _RemovedAdminToken(argparse.Action):
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
-        help="run the ranking service (FastAPI on uvicorn, one worker)",
+        help="run the ranking service (FastAPI on uvicorn, one worker process per core)",
         description="Serves POST /rank, GET /explain/{user_id}, /healthz, /readyz, /metrics, /docs. Every option "
         "can also be set by an environment variable LLM4MSR_<OPTION> (e.g. LLM4MSR_REDIS_URL); flags win.",
     )
@@ -28,6 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--redis-url", help="Redis with published knowledge; follows llm4msr:kn:current")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes, each with the model (default: the cores this process may use; LLM4MSR_WORKERS)",
+    )
     p.add_argument("--max-candidates", type=int, help="candidates per request (default 1000)")
     p.add_argument("--max-body-bytes", type=int, help="request body limit (default 1000000)")
     p.add_argument(
@@ -51,8 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from online.app import create_app, load_state
     from online.settings import load_settings
+    from online.workers import run_workers
 
     overrides = {
         k: v
@@ -67,16 +72,23 @@ def run_serve(args: argparse.Namespace) -> int:
             "max_candidate_fields": args.max_candidate_fields,
             "admin_token_file": args.admin_token_file,
             "torch_threads": args.torch_threads,
+            "workers": args.workers,
         }.items()
         if v is not None
     }
     if args.admin_token_file is not None:
         overrides["admin_token"] = None  # the flag wins over LLM4MSR_ADMIN_TOKEN, as every flag wins over its variable
     settings = load_settings(**overrides)  # a bad value is one error line naming the setting
+    settings.run_dir = None  # only `serve` creates a run folder, for its workers
     if args.knowledge:
         settings.redis_url = None
     elif args.redis_url:
         settings.knowledge = None
+    if settings.workers > 1:
+        return run_workers(settings, args.log_level)
+    from online.app import create_app
+    from online.state import load_state
+
     state = load_state(settings)  # a refused artifact or missing knowledge fails here with one clear line
     app = create_app(settings, state)
     print(
@@ -90,6 +102,6 @@ def run_serve(args: argparse.Namespace) -> int:
         workers=1,
         log_level=args.log_level,
         access_log=False,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=settings.drain_timeout_s,
     )
     return 0

@@ -9,12 +9,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from shared.errors import UserFacingError
+
+if TYPE_CHECKING:  # torch-heavy modules, imported when a model is loaded
+    from online.knowledge import KnowledgeVersion
+    from shared.artifact import Artifact
+    from shared.scoring import RequestKnowledge, RequestScorer
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +32,7 @@ class KnowledgeDataError(UserFacingError):
 
 
 def cap_torch_threads(n: int) -> None:
-    """One worker per container; more intra-op threads than cores only adds contention under concurrent load."""
+    """Worker processes use the cores; more intra-op threads per worker only add contention under load."""
     import torch
 
     torch.set_num_threads(n)
@@ -38,8 +45,8 @@ def cap_torch_threads(n: int) -> None:
 @dataclass
 class Ranker:
     artifact_dir: Path
-    artifact: object
-    scorer: object
+    artifact: Artifact
+    scorer: RequestScorer
     model_version: str
     knowledge_space_id: str | None
     scenarios: tuple[str, ...]
@@ -47,7 +54,6 @@ class Ranker:
     backbone: str
     # The candidate fields the model was trained on (FeatureEncoder.extra_fields): the only ones a request reads.
     feature_fields: tuple[str, ...] = ()
-    loaded_at: float = field(default_factory=time.time)
     _known_items: frozenset[str] = frozenset()
     _item_tables: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # knowledge version -> table
     _item_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -103,12 +109,18 @@ class Ranker:
     def uses_knowledge(self) -> bool:
         return bool(self.needs_levels)
 
-    def oov_count(self, item_ids: list[str]) -> int:
-        """Candidates whose id the model never saw (they get the out-of-vocabulary embedding)."""
-        known = self._known_items
-        return sum(1 for i in item_ids if i not in known)
+    def oov_count(self, item_ids: Sequence[str]) -> int:
+        """Distinct candidates whose id the model never saw (they get the out-of-vocabulary embedding)."""
+        return len(set(item_ids).difference(self._known_items))
 
-    def score(self, scenario: str, user_id: str, item_ids: list[str], knowledge, features=None) -> np.ndarray:
+    def score(
+        self,
+        scenario: str,
+        user_id: str,
+        item_ids: Sequence[str],
+        knowledge: RequestKnowledge,
+        features: Mapping[str, Sequence[str | None]] | None = None,
+    ) -> np.ndarray:
         """One batched forward for all candidates (the meta layers are generated once per request).
 
         Knowledge of the wrong shape raises KnowledgeDataError (a data fault); any other UserFacingError from the
@@ -120,7 +132,7 @@ class Ranker:
             scores = self.scorer.score(scenario, user_id, item_ids, knowledge, features=features)
         return np.asarray(scores, dtype=np.float32).reshape(-1)
 
-    def check_knowledge(self, knowledge, n: int) -> None:
+    def check_knowledge(self, knowledge: RequestKnowledge, n: int) -> None:
         """Raises KnowledgeDataError naming the level when a vector the model reads does not have its dimension."""
         dim, reduced = self.scorer.dim, self.scorer.reduced_dim
         wanted = [
@@ -138,7 +150,7 @@ class Ranker:
                     )
                 raise KnowledgeDataError(f"the {level} knowledge has shape {got}, the model expects {shape}")
 
-    def reduced_items(self, kv) -> np.ndarray:
+    def reduced_items(self, kv: KnowledgeVersion) -> np.ndarray:
         """The version's in-memory item vectors through this model's frozen reduction ([n, r], rows aligned with
         kv.items), computed once per knowledge version: a request then gathers 500 small rows instead of reducing
         500 raw ones. The two newest versions are kept (requests in flight may still use the previous one)."""

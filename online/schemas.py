@@ -1,4 +1,4 @@
-"""The HTTP contract of the ranker (DESIGN section 6) as pydantic models; /docs is generated from these."""
+"""The HTTP contract of the ranker (docs/architecture.md, HTTP API) as pydantic models; /docs is generated from these."""
 
 from __future__ import annotations
 
@@ -190,6 +190,7 @@ class ReadyResponse(BaseModel):
     ready: bool
     model_version: str | None
     knowledge: dict[str, Any]
+    worker_pid: int = Field(description="the worker process that answered (each worker loads model and knowledge)")
 
 
 class ReloadRequest(BaseModel):
@@ -201,6 +202,7 @@ class ReloadRequest(BaseModel):
 class ReloadResponse(BaseModel):
     model_version: str
     knowledge_version: str | None
+    workers: int = Field(description="worker processes now serving this model (every live one)")
 
 
 class ErrorResponse(BaseModel):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -9,6 +11,20 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import UserFacingError
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota (a container's limit,
+    which the affinity does not show)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
 
 # An admin token must be unguessable: 32 characters of URL-safe base64 (secrets.token_urlsafe) carry 192 bits.
 ADMIN_TOKEN_MIN_CHARS = 32
@@ -27,6 +43,13 @@ class ServeSettings(BaseSettings):
     redis_url: str | None = Field(None, description="Redis holding published knowledge; wins over `knowledge`")
     host: str = "127.0.0.1"
     port: int = 8000
+    # Each worker is a process with its own model; they share the port, the memory-mapped snapshot knowledge and,
+    # through a run folder, the metrics and admin reloads.
+    workers: int = Field(default_factory=usable_cores, ge=1, le=256, description="worker processes (default: cores)")
+    # Seconds a stopping worker (SIGTERM) waits for requests in flight before it closes their connections.
+    drain_timeout_s: float = Field(10.0, gt=0)
+    # Set by `serve` for its workers (the run folder they share: online/run_dir.py); not a user option.
+    run_dir: str | None = None
 
     max_candidates: int = Field(1000, ge=1, description="candidates per /rank request; more -> 422")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="request body size limit; larger -> 413")
@@ -49,6 +72,9 @@ class ServeSettings(BaseSettings):
     redis_timeout_s: float = Field(0.05, gt=0, description="socket timeout of request-path Redis calls")
     redis_retry_s: float = Field(0.5, gt=0, description="after a Redis failure, skip Redis this long")
     item_preload_limit: int = Field(2_000_000, ge=0, description="item vectors loaded into memory per version")
+    knowledge_cache_dir: str | None = Field(
+        None, description="where a Parquet snapshot is converted for memory mapping (default $LLM4MSR_CACHE/...)"
+    )
 
     # CPU hygiene
     torch_threads: int = Field(1, ge=1, le=64)

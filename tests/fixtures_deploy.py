@@ -150,6 +150,7 @@ def llm4msr_env(**extra: str) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("LLM4MSR_WORKERS", "1")  # a ranker started here has one worker unless a test sets more
     env.update(extra)
     return env
 

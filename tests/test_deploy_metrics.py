@@ -1,6 +1,7 @@
 """The dashboards and alert rules read metrics that a real ranker exports, and a real Prometheus can compute them.
 
-A real `llm4msr serve` (uvicorn subprocess, knowledge from a real Redis) is scraped directly, then by the Debian
+A real `llm4msr serve` with 2 worker processes (uvicorn, knowledge from a real Redis; metrics in prometheus-client's
+multiprocess mode, aggregated over the workers at every scrape) is scraped directly, then by the Debian
 `prometheus` server loaded with the project's own alert rules and scrape job; after a short /rank load the
 dashboard's p99 query, sent through Prometheus's HTTP API, returns a number, and every dashboard query and rule
 evaluates without error.
@@ -57,7 +58,8 @@ def ranker(world, redis_url, tmp_path_factory):
     server = start_server(
         ["--artifact", str(world.artifacts["llm4msr-item"]), "--redis-url", redis_url],
         log,
-        env={"LLM4MSR_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"},
+        env={"LLM4MSR_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "LLM4MSR_WORKERS": "2"},
+        timeout=240,  # two processes import torch and load the model
     )
     yield server
     server.stop()

@@ -447,3 +447,18 @@ def test_k8s_commands_secrets_and_volumes(k8s):
     # the artifact the job writes is the one the ranker serves, on the same claim
     ranker = _pod_spec(k8s[("Deployment", "llm4msr-ranker")])["containers"][0]
     assert option(ranker["command"], "--artifact") == option(container["command"], "--artifact-dir")
+
+
+def test_worker_count_matches_the_cpus_given(compose, k8s):
+    """One worker process per CPU: the compose service's CPU limit and the pod's CPU request (which the HPA's
+    utilisation target is a share of) equal LLM4MSR_WORKERS, and the drain fits the pod's grace period."""
+    ranker = compose["services"]["ranker"]
+    assert int(ranker["environment"]["LLM4MSR_WORKERS"]) == float(ranker["deploy"]["resources"]["limits"]["cpus"])
+    pod = _pod_spec(k8s[("Deployment", "llm4msr-ranker")])
+    container = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert int(env["LLM4MSR_WORKERS"]) == float(container["resources"]["requests"]["cpu"])
+    from online.settings import ServeSettings
+
+    drain = float(env.get("LLM4MSR_DRAIN_TIMEOUT_S") or ServeSettings.model_fields["drain_timeout_s"].default)
+    assert pod["terminationGracePeriodSeconds"] > 5 + drain  # preStop sleep, then SIGTERM drains

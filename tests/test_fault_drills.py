@@ -1,6 +1,7 @@
 """The fault drills of bench/fault_drills.py in their short form: a real ranker under 4-client load with a real
-Redis that is killed and restarted, knowledge versions flipped under load, a corrupt snapshot published, and a
-knowledge build killed with SIGKILL and resumed."""
+Redis that is killed and restarted, knowledge versions flipped under load, a corrupt snapshot published, a worker
+process of a 2-worker ranker killed with SIGKILL under load, and a knowledge build killed with SIGKILL and
+resumed."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def test_fault_drills_short_form(tmp_path):
     code = fault_drills.main(["--short", "--work", str(tmp_path / "work"), "--json", str(out)])
     report = json.loads(out.read_text())
     rows = {r["drill"]: r for r in report["rows"]}
-    assert set(rows) == {"redis-outage", "version-flips", "corrupt-publish", "kill-9-build"}
+    assert set(rows) == {"redis-outage", "version-flips", "corrupt-publish", "kill-9-worker", "kill-9-build"}
     assert code == 0 and report["failures"] == [], report["failures"]
 
     outage = rows["redis-outage"]
@@ -41,6 +42,12 @@ def test_fault_drills_short_form(tmp_path):
     corrupt = rows["corrupt-publish"]
     assert corrupt["publish_refused"] and corrupt["current_after"] == corrupt["current_before"]
     assert corrupt["non_2xx"] == 0 and corrupt["versions_answered"] == [corrupt["current_before"]]
+
+    worker = rows["kill-9-worker"]
+    assert worker["http_5xx"] == 0 and worker["server_alive"] and worker["replaced_after_s"] is not None
+    # Only requests in flight on the killed worker's connections fail, at most one per connection.
+    assert worker["failed"] == worker["failed_on_killed_worker"] <= worker["connections_on_killed_worker"]
+    assert worker["answered_while_replacing"] > 0  # the other worker kept serving
 
     build = rows["kill-9-build"]
     assert build["killed_after_user_shards"] and not build["visible_after_kill"]

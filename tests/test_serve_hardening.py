@@ -325,7 +325,9 @@ def test_missing_scenario_vector_scores_as_the_level_mean(world, artifact, tmp_p
     as_mean, as_nan = offline(mean), offline(np.full(8, np.nan, np.float32))
     np.testing.assert_array_equal(as_mean, as_nan)
     np.testing.assert_allclose([served[i] for i in items], as_mean, atol=1e-6)
-    assert np.abs(offline(np.zeros(8, np.float32)) - as_mean).max() > 1e-5, "zeros would be another answer"
+    # Another vector is another answer (a far one: the knowledge here is seeded noise, so training opens the
+    # scenario level's gate only a little and a nearby vector, e.g. zeros, moves the scores by less than 1e-6).
+    assert np.abs(offline(mean + 100) - as_mean).max() > 1e-5, "a far-off scenario vector would be another answer"
 
 
 # -- 5. /admin/reload: token rules and no OS error text ---------------------------------------------------------------

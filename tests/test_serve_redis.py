@@ -211,7 +211,13 @@ def test_admin_reload_moves_to_a_new_knowledge_space(world, redis_server, tmp_pa
         assert httpx.post(f"{srv.url}/rank", json=body).json()["knowledge_version"] == "v1"  # refused, still v1
 
         new_model = train_tiny_artifact(
-            world.data_dir, v9, tmp_path / "artifact-v9", levels=("scenario", "user"), epochs=1, batch_size=512
+            world.data_dir,
+            v9,
+            tmp_path / "artifact-v9",
+            levels=("scenario", "user"),
+            epochs=1,
+            batch_size=512,
+            user_knowledge="full-history",  # the seeded snapshot has no fit vectors
         )
         r = httpx.post(f"{srv.url}/admin/reload", headers=auth, json={"artifact": str(new_model)}, timeout=60)
         assert r.status_code == 200, r.text

@@ -7,7 +7,8 @@ Two stores behind one interface:
   socket timeouts; after a failure Redis is skipped for a short while (answers come from cache/default and are
   flagged) until the poller reaches it again, so an outage never turns into slow or failed requests.
 - `SnapshotKnowledgeStore` reads a Parquet snapshot (the embedded default, no Redis); given a knowledge root it
-  follows the root's LATEST pointer the same way.
+  follows the root's LATEST pointer the same way. The vectors are memory-mapped from an uncompressed copy made on
+  first load, so the worker processes of one server share them.
 
 A request takes `store.current()` once and uses that immutable `KnowledgeVersion` to the end, so a version swap
 never mixes two versions inside one answer.
@@ -29,6 +30,7 @@ from online.knowledge.base import (
     ItemVectors,
     KnowledgeStore,
     KnowledgeVersion,
+    UserVectors,
     missing_item_fallbacks,
     take_item_rows,
 )
@@ -46,6 +48,7 @@ __all__ = [
     "KnowledgeVersion",
     "RedisKnowledgeStore",
     "SnapshotKnowledgeStore",
+    "UserVectors",
     "missing_item_fallbacks",
     "take_item_rows",
 ]

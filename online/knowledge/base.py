@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
+import pyarrow as pa
 
 from shared.errors import UserFacingError
-from shared.knowledge.snapshot import KnowledgeTable, Manifest
+from shared.knowledge.snapshot import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,20 @@ class ItemVectors:
         return np.fromiter((get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
 
 
+@dataclass(frozen=True)
+class UserVectors:
+    """A snapshot version's users: row of each id, the vectors ([n, dim]; memory-mapped by the snapshot store, so
+    that worker processes share the pages) and the LLM's answers (an Arrow string array, also mapped)."""
+
+    rows: dict[str, int]
+    matrix: np.ndarray
+    responses: pa.ChunkedArray
+
+    def response_of(self, user_id: str) -> str | None:
+        row = self.rows.get(user_id)
+        return None if row is None else self.responses[row].as_py()
+
+
 @dataclass
 class KnowledgeVersion:
     """One published knowledge version as the ranker holds it; treated as immutable once built."""
@@ -67,13 +82,12 @@ class KnowledgeVersion:
     items_complete: bool = True
     # Item ids whose stored vector had the wrong length: left out of `items`, reported as "corrupt" fallbacks.
     corrupt_items: frozenset[str] = frozenset()
-    # Snapshot store only: the users table in memory.
-    users: KnowledgeTable | None = None
-    user_rows: dict[str, int] | None = None
-    loaded_at: float = field(default_factory=time.time)
+    # Snapshot store only: the users' vectors (memory-mapped, rows aligned with user_rows) and answers.
+    users: UserVectors | None = None
 
-    @property
+    @cached_property
     def space_id(self) -> str:
+        """Computed once: the space's id is a hash of its fields, and every request compares it."""
         return self.manifest.space.id
 
 
@@ -93,8 +107,6 @@ class LRU:
         self.capacity = capacity
         self._data: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
 
     _MISSING = object()
 
@@ -103,10 +115,8 @@ class LRU:
             try:
                 value = self._data[key]
             except KeyError:
-                self.misses += 1
                 return default
             self._data.move_to_end(key)
-            self.hits += 1
             return value
 
     def put(self, key, value) -> None:
@@ -141,7 +151,7 @@ class KnowledgeStore:
         self._thread: threading.Thread | None = None
         self.refused: dict[str, str] = {}  # version -> why it was not swapped in
         self.on_swap: Callable[[KnowledgeVersion], None] | None = None
-        self.swaps = 0
+        self.on_poll: Callable[[], None] | None = None  # after every poll, e.g. to update gauges
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def current(self) -> KnowledgeVersion | None:
@@ -172,6 +182,8 @@ class KnowledgeStore:
                     self.version_name(),
                     self.redact(traceback.format_exc()),
                 )
+            if self.on_poll is not None:
+                self.on_poll()
 
     def redact(self, text: object) -> str:
         """Text safe to log or return (the Redis store masks its URL's password)."""
@@ -216,7 +228,6 @@ class KnowledgeStore:
         self.refused.clear()
         self._current = kv
         swap()
-        self.swaps += 1
         log.info("knowledge swapped to %s (space %s) with the new model", kv.version, space_id)
         if self.on_swap is not None:
             self.on_swap(kv)
@@ -236,7 +247,6 @@ class KnowledgeStore:
             return False
         old = self.version_name()
         self._current = kv
-        self.swaps += 1
         if old is not None and old != kv.version:
             log.info("knowledge swapped %s -> %s", old, kv.version)
         if self.on_swap is not None:
@@ -300,7 +310,3 @@ def take_item_rows(items: ItemVectors, matrix: np.ndarray, item_ids: Sequence[st
     out = np.full((len(item_ids), matrix.shape[1]), np.nan, dtype=np.float32)
     out[found] = matrix[pos[found]]
     return out, found
-
-
-def table_to_items(table: KnowledgeTable) -> ItemVectors:
-    return ItemVectors(table.ids, table.embeddings)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,7 +79,6 @@ class RedisKnowledgeStore(KnowledgeStore):
         retry_s: float = 0.5,
         user_cache_size: int = 100_000,
         item_preload_limit: int = 2_000_000,
-        on_redis_error: Callable[[], None] | None = None,
     ):
         super().__init__(expected_space_id, poll_interval_s)
         self.url = url
@@ -97,7 +96,6 @@ class RedisKnowledgeStore(KnowledgeStore):
         self.errors = 0
         self.corrupt_vectors = 0  # user/item vectors of the wrong length met on the request path
         self._corrupt_logged: set[str] = set()  # versions whose first corrupt vector was logged
-        self.on_redis_error = on_redis_error
 
     def redact(self, text: object) -> str:
         return redact_text(text, self.url)
@@ -125,8 +123,6 @@ class RedisKnowledgeStore(KnowledgeStore):
             where = self.shown_url if node == SINGLE_NODE else f"{self.shown_url} (node {node})"
             log.warning("Redis at %s unreachable (%s); serving from cache/defaults", where, self.redact(exc))
         self._down_until[node] = time.monotonic() + self.retry_s
-        if self.on_redis_error is not None:
-            self.on_redis_error()
 
     def _mark_up(self, node: str = SINGLE_NODE) -> None:
         if node not in self._down_until:
