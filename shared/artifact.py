@@ -12,6 +12,10 @@ can write the folder can recompute them. Signing covers that: with LLM4MSR_ARTIF
 a file holding the key) set at save time, config.json gets `signature` = HMAC-SHA256(key, config checksum), and the
 config checksum covers every file's sha256. With the key set at load time, an artifact without a valid signature is
 refused; without a key, artifacts load as before (signed or not) and only corruption is detected.
+
+Artifacts written before a wrapper setting existed stay loadable and keep their checksum: config.json is read with
+the stored-config context (shared/models/llm4msr_config.py: a missing newer field means the model of that time,
+e.g. gate "none"), and the checksum leaves such a field out while it holds that value.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from shared.atomic import replace_dir_atomically
 from shared.errors import UserFacingError
 from shared.models.ctr import CTRModel, ModelConfig
 from shared.models.features import FeatureEncoder
+from shared.models.llm4msr_config import ABSENT_MEANS, STORED_CONFIG
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -73,6 +78,11 @@ class ArtifactConfig(BaseModel):
         """sha256 of the canonical JSON of everything but checksum and signature (covers the file checksums too;
         unsigned artifacts written before signing existed keep their checksum)."""
         payload = self.model_dump(mode="json", exclude={"checksum", "signature"})
+        wrapper = payload["model"].get("llm4msr")
+        if wrapper is not None:  # a newer setting at the value its absence means: as if it were not there
+            payload["model"]["llm4msr"] = {
+                k: v for k, v in wrapper.items() if k not in ABSENT_MEANS or v != ABSENT_MEANS[k]
+            }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -203,7 +213,7 @@ def read_artifact_config(path: str | os.PathLike) -> ArtifactConfig:
     if not file.is_file():
         raise UserFacingError(f"{path} is not a model artifact (no {CONFIG})")
     try:
-        cfg = ArtifactConfig.model_validate_json(file.read_text())
+        cfg = ArtifactConfig.model_validate_json(file.read_text(), context={STORED_CONFIG: True})
     except ValidationError as exc:
         raise UserFacingError(f"{file}: invalid artifact config: {exc.errors()[0]['msg']}") from None
     if cfg.format_version != FORMAT_VERSION:

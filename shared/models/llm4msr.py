@@ -1,6 +1,6 @@
 """LLM4MSR hierarchical meta networks, wrapped around any backbone (hyper-parameters: llm4msr_config.py).
 
-    k_s = P_s e_s,  k_u = P_u e_u                     learned projections of frozen knowledge vectors
+    k_s = a_s P_s e_s,  k_u = a_u P_u e_u             gated learned projections of frozen knowledge vectors
     m_s = act(W_s(k_s)^T x + b_s(k_s))                 scenario-level meta layer
     m_u = act(W_u(k_u, k_s)^T m_s + b_u(k_u, k_s))     user-level meta layer, conditioned on the scenario level
     bottom:   x~ = x + A m_u        parallel:  z = w^T m_u        y = sigmoid(backbone(x~, s) + z)
@@ -8,7 +8,16 @@
 Generated weights are low rank, W(k) = U diag(1 + g(k)) V (as in APG/HAMUR): the hypernetwork emits r gains and a
 bias instead of a D x h matrix, so a request computes g once for its (scenario, user) and every candidate pays only
 x U (shared weights), an element-wise product and V. Item level (extension): k_i = P_i e_i joins x, and k_u * k_i
-joins the meta layers' input so the user's knowledge is matched explicitly against the item's.
+joins the meta layers' input so the user's knowledge is matched explicitly against the item's. Item-only
+knowledge has no meta layers: k_i joins the backbone input and that is all.
+
+Gates (config.gate, ReZero-style): a_l, a scalar or a [proj_dim] vector per level, starts at 0, so at
+initialisation no knowledge reaches the score and a level opens only as far as it lowers the training loss
+(knowledge helps where IDs are sparse and can hurt where they are dense); config.gate_decay pulls each gate back
+towards 0, so a level that does not help stays nearly shut. The gate multiplies k_l wherever it goes
+(hypernetworks, item concatenation, user*item interaction) and is folded into P_l: a_l (W e + b) = (a_l W) e + a_l b,
+so serving pays nothing for it. gate="none" is the ungated model (no gate parameters). config.knowledge_dropout
+drops units of each k_l per row in training.
 
 Serving folds the frozen model for one request (`LLM4MSR.fold_for_requests` -> `RequestPath`): every map between
 a raw knowledge vector and the hypernetworks' hidden layer is affine, so reduction, projection and the first
@@ -30,6 +39,36 @@ from shared.models.llm4msr_config import LLM4MSRConfig
 __all__ = ["LLM4MSR", "LLM4MSRConfig", "ItemFold", "LowRankMetaLayer", "RequestPath"]
 
 
+# A level's learned projection with its gate folded in: (weight [p, r], bias [p]).
+Projection = tuple[torch.Tensor, torch.Tensor]
+# A gate is stored as a = alpha / GATE_STEP_SCALE. Adam moves every parameter by about lr per step, so alpha would
+# move like one weight of the projection it scales and a useful level would open slowly (gated models lagged the
+# ungated ones on the known-answer tasks); stored this way it moves GATE_STEP_SCALE times faster.
+GATE_STEP_SCALE = 10.0
+
+
+class _PullClosed(torch.autograd.Function):
+    """Identity in forward; backward adds decay * a to the gate's gradient, an L2 prior that keeps a level closed
+    unless the loss keeps opening it. Without it, Adam's normalised steps let the gate of a level that does not
+    matter drift open about as far as a useful one's (config.gate_decay)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, stored: torch.Tensor, decay: float) -> torch.Tensor:
+        ctx.save_for_backward(stored)
+        ctx.decay = decay
+        return stored.view_as(stored)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (stored,) = ctx.saved_tensors
+        return grad + ctx.decay * stored, None
+
+
+def _project(vec: torch.Tensor, projection: Projection | None) -> torch.Tensor:
+    """k = projection(vec); vec itself when it is already projected (projection None)."""
+    return F.linear(vec, *projection) if projection is not None else vec
+
+
 class LowRankMetaLayer(nn.Module):
     """act(x U diag(1 + g(c)) V + b0 + b(c)), with g and b produced by a small MLP from the condition c."""
 
@@ -42,13 +81,17 @@ class LowRankMetaLayer(nn.Module):
         nn.init.normal_(self.hyper[-1].weight, std=0.01)
         nn.init.zeros_(self.hyper[-1].bias)
 
-    def part(self, block: int, vec: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+    def part(self, block: int, vec: torch.Tensor, projection: Projection | None) -> torch.Tensor:
         """The share of condition block `block` in the hidden layer's pre-activation, from the block's knowledge
-        before its projection: proj and the block's columns of the first hypernetwork layer are composed (a
-        [hidden, r] weight product) so a batch pays one [B, r] x [r, hidden] product instead of two."""
-        p = proj.out_features
+        before its projection: the projection and the block's columns of the first hypernetwork layer are composed
+        (a [hidden, r] weight product) so a batch pays one [B, r] x [r, hidden] product instead of two. With
+        projection None, vec is the projected knowledge itself (knowledge dropout needs it materialised)."""
+        p = projection[0].shape[0] if projection is not None else vec.shape[1]
         w_block = self.hyper[0].weight[:, block * p : (block + 1) * p]
-        return F.linear(vec, w_block @ proj.weight, w_block @ proj.bias)
+        if projection is None:
+            return F.linear(vec, w_block)
+        weight, bias = projection
+        return F.linear(vec, w_block @ weight, w_block @ bias)
 
     def generate(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The generated layer from the summed block parts: gains 1 + g [G, r] and the full bias b0 + b(c)
@@ -79,6 +122,10 @@ class LLM4MSR(nn.Module):
             raise UserFacingError("the llm knowledge source needs knowledge_dim (the snapshot's vector size)")
         self.reduced_dim = min(c.reduce_dim, c.knowledge_dim) if c.knowledge_source == "llm" else c.proj_dim
         self.proj = nn.ModuleDict({lv: nn.Linear(self.reduced_dim, c.proj_dim) for lv in c.levels})
+        self.gate: nn.ParameterDict | None = None
+        if c.gate != "none":  # ReZero: every level starts closed (the module doc)
+            size = 1 if c.gate == "scalar" else c.proj_dim
+            self.gate = nn.ParameterDict({lv: nn.Parameter(torch.zeros(size)) for lv in c.levels})
         if c.knowledge_source == "llm":
             # Frozen per-level reduction (x - mean) @ basis, fitted on the snapshot by fit_reduction().
             for lv in c.levels:
@@ -104,15 +151,33 @@ class LLM4MSR(nn.Module):
             )
         self.bottom = None
         self.parallel = None
-        if c.placement in ("bottom", "both"):
+        if c.has_meta_layers and c.placement in ("bottom", "both"):
             self.bottom = nn.Linear(c.meta_dim, self.x_dim)
             nn.init.zeros_(self.bottom.weight)  # starts as the plain backbone; learns how much to modulate
-        if c.placement in ("parallel", "both"):
+        if c.has_meta_layers and c.placement in ("parallel", "both"):
             self.parallel = nn.Linear(c.meta_dim, 1)
 
     @property
     def needs_levels(self) -> frozenset[str]:
         return frozenset(self.config.levels) if self.config.knowledge_source == "llm" else frozenset()
+
+    def projection(self, level: str) -> Projection:
+        """P_l with the level's gate folded in: a (W e + b) = (a W) e + a b (a vector gate scales W's rows)."""
+        proj = self.proj[level]
+        if self.gate is None:
+            return proj.weight, proj.bias
+        stored = self.gate[level]
+        if self.training and self.config.gate_decay > 0:
+            stored = _PullClosed.apply(stored, self.config.gate_decay)
+        alpha = stored * GATE_STEP_SCALE
+        return alpha[:, None] * proj.weight, alpha * proj.bias
+
+    @torch.no_grad()
+    def gate_strength(self) -> dict[str, float]:
+        """Mean |a_l| per level (empty without gates): how far training opened each level's knowledge."""
+        if self.gate is None:
+            return {}
+        return {lv: float(stored.abs().mean()) * GATE_STEP_SCALE for lv, stored in self.gate.items()}
 
     @torch.no_grad()
     def fit_reduction(self, level: str, sample: torch.Tensor) -> None:
@@ -159,33 +224,66 @@ class LLM4MSR(nn.Module):
         scenarios: the scenario level is then computed once per scenario and gathered. (Serving uses the folded
         RequestPath instead, see fold_for_requests.)
         """
-        src = self.config.knowledge_source
-        # The scenario level depends on the scenario only: compute it on the S scenarios and gather, unless this
-        # is one request (its [1, d] scenario vector is computed once and broadcast anyway).
-        per_scenario = "scenario" in self.config.levels and (
-            src != "llm" or (reduced and raw["scenario"].shape[0] == self.n_scenarios)
-        )
-        vec = {}  # each level's knowledge before projection; the scenario's as an [S, r] table when per_scenario
-        for lv in self.config.levels:
-            ids = torch.arange(self.n_scenarios, device=x.device) if lv == "scenario" and per_scenario else index[lv]
-            vec[lv] = self._source(lv, raw.get(lv), ids, reduced)
+        vec, proj, per_scenario = self._knowledge(index, raw, reduced)
         if self.config.uses_item:
-            k_item = self.proj["item"](vec["item"])
+            k_item = _project(vec["item"], proj["item"])
             x = torch.cat([x, k_item.expand(x.shape[0], -1)], dim=-1)
         h = x
         if self.config.interaction:
-            h = torch.cat([h, self.proj["user"](vec["user"]) * k_item], dim=-1)
+            h = torch.cat([h, _project(vec["user"], proj["user"]) * k_item], dim=-1)
+        h = self._meta_layers(h, vec, proj, index["scenario"], per_scenario)
+        # Separate products, not one [B, D+1] product split in two: its odd width and the split (a [B, D+1]
+        # gradient concatenation in backward) cost more than the extra [B, m] x [m] product.
+        x_out = self.bottom(h).add_(x) if self.bottom is not None else x
+        z = self.parallel(h).squeeze(-1) if self.parallel is not None else None
+        return x_out, z
+
+    def _knowledge(
+        self, index: dict[str, torch.Tensor], raw: dict[str, torch.Tensor | None], reduced: bool
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Projection | None], bool]:
+        """Each level's knowledge before projection and its gated projection, and whether the scenario level is
+        computed per scenario and gathered. With knowledge dropout (training) every level comes back projected
+        and dropped out per row, its projection None."""
+        c = self.config
+        # The scenario level depends on the scenario only: its knowledge is an [S, .] table (id/random controls,
+        # reduced training tables) unless this is one request, whose [1, d] scenario vector is broadcast anyway.
+        table = "scenario" in c.levels and (
+            c.knowledge_source != "llm" or (reduced and raw["scenario"].shape[0] == self.n_scenarios)
+        )
+        dropout = self.training and c.knowledge_dropout > 0
+        vec: dict[str, torch.Tensor] = {}
+        proj: dict[str, Projection | None] = {}
+        for lv in c.levels:
+            scenario_table = lv == "scenario" and table
+            ids = torch.arange(self.n_scenarios, device=index[lv].device) if scenario_table else index[lv]
+            vec[lv] = self._source(lv, raw.get(lv), ids, reduced)
+            proj[lv] = self.projection(lv)
+            if dropout:
+                rows = vec[lv].index_select(0, index[lv]) if scenario_table else vec[lv]
+                vec[lv] = F.dropout(_project(rows, proj[lv]), c.knowledge_dropout, training=True)
+                proj[lv] = None
+        return vec, proj, table and not dropout
+
+    def _meta_layers(
+        self,
+        h: torch.Tensor,
+        vec: dict[str, torch.Tensor],
+        proj: dict[str, Projection | None],
+        scenario: torch.Tensor,
+        per_scenario: bool,
+    ) -> torch.Tensor:
+        """The chain of meta layers on h, each generated from its levels' knowledge (none for item-only)."""
         levels = self.config.meta_levels
         # Everything that depends on the scenario alone is computed on the S scenarios and gathered per row in one
         # index operation: the scenario-level layer's gains and bias, and the scenario block of later layers.
-        per_scenario_parts: list[torch.Tensor] = []
         if per_scenario:
+            per_scenario_parts: list[torch.Tensor] = []
             for j, layer in enumerate(self.meta):
-                part = layer.part(0, vec["scenario"], self.proj["scenario"])
+                part = layer.part(0, vec["scenario"], proj["scenario"])
                 per_scenario_parts.extend(layer.generate(part) if j == 0 else [part])
             widths = [t.shape[1] for t in per_scenario_parts]
             table = torch.cat(per_scenario_parts, 1)
-            gathered = iter(torch.split(table.index_select(0, index["scenario"]), widths, 1))
+            gathered = iter(torch.split(table.index_select(0, scenario), widths, 1))
         for j, layer in enumerate(self.meta):
             if per_scenario and j == 0:
                 gains, bias = next(gathered), next(gathered)
@@ -193,15 +291,11 @@ class LLM4MSR(nn.Module):
                 pre = next(gathered) if per_scenario else None
                 for block, lv in enumerate(levels[: j + 1]):
                     if not (per_scenario and lv == "scenario"):
-                        part = layer.part(block, vec[lv], self.proj[lv])
+                        part = layer.part(block, vec[lv], proj[lv])
                         pre = part if pre is None else pre + part
                 gains, bias = layer.generate(pre)
             h = layer.apply_generated(h, gains, bias)
-        # Separate products, not one [B, D+1] product split in two: its odd width and the split (a [B, D+1]
-        # gradient concatenation in backward) cost more than the extra [B, m] x [m] product.
-        x_out = self.bottom(h).add_(x) if self.bottom is not None else x
-        z = self.parallel(h).squeeze(-1) if self.parallel is not None else None
-        return x_out, z
+        return h
 
     @torch.no_grad()
     def fold_for_requests(self) -> RequestPath | None:
@@ -210,17 +304,53 @@ class LLM4MSR(nn.Module):
         c = self.config
         if c.knowledge_source != "llm":
             return None
-        f64 = torch.float64
-        d, p = c.knowledge_dim, c.proj_dim
         levels = c.meta_levels
-        # k_l = nan_to_num(e_l - mean_l) @ A_l + a_l
+        affine = self._fold_affine()
+        cond_w, cond_b = self._fold_conditions(affine)
+        gen_w, gen_b = self._fold_generators()
+        item = None
+        if c.uses_item:
+            a, a_bias = affine["item"]
+            item = ItemFold(
+                mean=self.mean_item.clone(),
+                raw_w=a.float(),
+                reduced_w=self.projection("item")[0].T.float().contiguous(),
+                bias=a_bias.float(),
+            )
+        means = [getattr(self, f"mean_{lv}") for lv in levels]
+        return RequestPath(
+            levels=tuple(levels),
+            means=torch.cat(means).view(1, -1) if means else torch.zeros(1, 0),
+            cond_w=cond_w.float(),
+            cond_b=cond_b.float().view(1, -1),
+            n_hidden=c.hyper_hidden * len(levels),
+            gen_w=gen_w.float(),
+            gen_b=gen_b.float().view(1, -1),
+            layers=tuple(
+                (layer.u.weight.T.contiguous(), layer.v.weight.T.contiguous(), layer.rank) for layer in self.meta
+            ),
+            bottom=self.bottom.weight.T.contiguous() if self.bottom is not None else None,
+            bottom_b=self.bottom.bias.clone() if self.bottom is not None else None,
+            parallel=self.parallel.weight[0].clone() if self.parallel is not None else None,
+            parallel_b=self.parallel.bias.clone() if self.parallel is not None else None,
+            item=item,
+            proj_dim=c.proj_dim,
+        )
+
+    def _fold_affine(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per level, k_l = nan_to_num(e_l - mean_l) @ A_l + a_l in float64: reduction, projection and gate."""
         affine = {}
-        for lv in c.levels:
-            weight = self.proj[lv].weight.to(f64)  # [p, r]
-            basis = getattr(self, f"basis_{lv}").to(f64)  # [d, r]
-            affine[lv] = (basis @ weight.T, self.proj[lv].bias.to(f64))
-        # Condition columns: every meta layer's hyper hidden units, then k_u itself when the item interaction needs it.
-        hidden = c.hyper_hidden
+        for lv in self.config.levels:
+            weight, bias = (t.to(torch.float64) for t in self.projection(lv))  # [p, r], [p]
+            basis = getattr(self, f"basis_{lv}").to(torch.float64)  # [d, r]
+            affine[lv] = (basis @ weight.T, bias)
+        return affine
+
+    def _fold_conditions(self, affine: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+        """(cond_w [L*d, H (+ p)], cond_b): every meta layer's hyper hidden units from the raw meta-level vectors,
+        then k_u itself when the item interaction needs it."""
+        c, f64 = self.config, torch.float64
+        d, p, hidden, levels = c.knowledge_dim, c.proj_dim, c.hyper_hidden, c.meta_levels
         n_cols = hidden * len(levels) + (p if c.interaction else 0)
         cond_w = torch.zeros(d * len(levels), n_cols, dtype=f64)
         cond_b = torch.zeros(n_cols, dtype=f64)
@@ -238,9 +368,14 @@ class LLM4MSR(nn.Module):
             a, a_bias = affine["user"]
             cond_w[block * d : (block + 1) * d, hidden * len(levels) :] = a
             cond_b[hidden * len(levels) :] = a_bias
-        # Second hypernetwork layers side by side (block-diagonal), with the gains' 1 and v's bias folded in.
+        return cond_w, cond_b
+
+    def _fold_generators(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gen_w, gen_b): the second hypernetwork layers side by side (block-diagonal), with the gains' 1 and v's
+        bias folded in."""
+        f64, hidden = torch.float64, self.config.hyper_hidden
         widths = [layer.rank + layer.v.out_features for layer in self.meta]
-        gen_w = torch.zeros(hidden * len(levels), sum(widths), dtype=f64)
+        gen_w = torch.zeros(hidden * len(self.meta), sum(widths), dtype=f64)
         gen_b = torch.zeros(sum(widths), dtype=f64)
         start = 0
         for j, layer in enumerate(self.meta):
@@ -250,33 +385,7 @@ class LLM4MSR(nn.Module):
             gen_b[start : start + layer.rank] += 1.0
             gen_b[start + layer.rank : start + widths[j]] += layer.v.bias.to(f64)
             start += widths[j]
-        item = None
-        if c.uses_item:
-            a, a_bias = affine["item"]
-            item = ItemFold(
-                mean=self.mean_item.clone(),
-                raw_w=a.float(),
-                reduced_w=self.proj["item"].weight.T.float().contiguous(),
-                bias=a_bias.float(),
-            )
-        return RequestPath(
-            levels=tuple(levels),
-            means=torch.cat([getattr(self, f"mean_{lv}") for lv in levels]).view(1, -1),
-            cond_w=cond_w.float(),
-            cond_b=cond_b.float().view(1, -1),
-            n_hidden=hidden * len(levels),
-            gen_w=gen_w.float(),
-            gen_b=gen_b.float().view(1, -1),
-            layers=tuple(
-                (layer.u.weight.T.contiguous(), layer.v.weight.T.contiguous(), layer.rank) for layer in self.meta
-            ),
-            bottom=self.bottom.weight.T.contiguous() if self.bottom is not None else None,
-            bottom_b=self.bottom.bias.clone() if self.bottom is not None else None,
-            parallel=self.parallel.weight[0].clone() if self.parallel is not None else None,
-            parallel_b=self.parallel.bias.clone() if self.parallel is not None else None,
-            item=item,
-            proj_dim=p,
-        )
+        return gen_w, gen_b
 
 
 @dataclass(frozen=True)
@@ -313,14 +422,13 @@ class RequestPath:
     item: ItemFold | None
     proj_dim: int
 
-    def __call__(
-        self,
-        x: torch.Tensor,
-        raw: dict[str, torch.Tensor | None],
-        item_reduced: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [N, D] field embeddings, raw[level] [1, d] for the meta levels (and [N, d] for items unless
-        item_reduced [N, r] is given) -> (backbone input [N, D'], parallel logit [N] or None)."""
+    def _generated_layers(
+        self, raw: dict[str, torch.Tensor | None]
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
+        """(the condition row [1, H (+ p)], each meta layer's [in, out] weight and [1, out] bias) for this request's
+        meta-level vectors; (None, [], []) for item-only knowledge (no meta layers)."""
+        if not self.levels:
+            return None, [], []
         e = torch.cat([raw[lv] for lv in self.levels], dim=1) if len(self.levels) > 1 else raw[self.levels[0]]
         cond = torch.addmm(self.cond_b, torch.nan_to_num(e - self.means, nan=0.0), self.cond_w)
         gen = torch.addmm(self.gen_b, torch.relu(cond[:, : self.n_hidden]), self.gen_w)
@@ -331,6 +439,17 @@ class RequestPath:
             weights.append(u_t @ (gains[:, None] * v_t))
             biases.append(gen[:, start + rank : start + rank + out])
             start += rank + out
+        return cond, weights, biases
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        raw: dict[str, torch.Tensor | None],
+        item_reduced: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [N, D] field embeddings, raw[level] [1, d] for the meta levels (and [N, d] for items unless
+        item_reduced [N, r] is given) -> (backbone input [N, D'], parallel logit [N] or None)."""
+        cond, weights, biases = self._generated_layers(raw)
         h = x
         if self.item is not None:
             fold = self.item
@@ -339,9 +458,9 @@ class RequestPath:
             else:
                 k_i = torch.addmm(fold.bias, torch.nan_to_num(raw["item"] - fold.mean, nan=0.0), fold.raw_w)
             x = torch.cat([x, k_i], dim=1)
-            w0 = weights[0]
-            if k_u_cols := cond.shape[1] - self.n_hidden:
+            if cond is not None and (k_u_cols := cond.shape[1] - self.n_hidden):
                 # [x, k_i, k_u * k_i] @ W0 == [x, k_i] @ [W0_x; W0_i + k_u^T * W0_ui]
+                w0 = weights[0]
                 k_u = cond[0, self.n_hidden :]
                 dx = x.shape[1] - self.proj_dim
                 w_ui = w0[dx : dx + k_u_cols] + k_u[:, None] * w0[dx + k_u_cols :]
