@@ -16,18 +16,20 @@ import llm4msr_cli
 from offline.common import ConfigFlags, build_config, config_fields
 from offline.data.importers import ImporterSpec, importer_names, importer_spec, register_importer, unregister_importer
 from offline.refresh.cli import TRAIN_FLAGS
-from offline.training.cli import RUN_FLAGS, TRAINING_FLAGS, train_config_from_args
+from offline.training.cli import RUN_FLAGS, TRAINING_FLAGS, levels_values, train_config_from_args
 from offline.training.config import TrainConfig
 from shared.dataset.folder import Dataset, read_dataset
 from shared.errors import UserFacingError
 from shared.models.backbones import backbone_names, build_backbone, register_backbone, unregister_backbone
 
-# The flat training config every earlier version wrote into artifacts and compare records: keeping these keys keeps
-# old artifacts retrainable by refresh and old compare runs reusable.
+# The flat training config written into artifacts and compare records: the keys every earlier version wrote (kept, so
+# old artifacts stay retrainable by refresh and old compare runs reusable) plus those added since, which older
+# records lack and which then read as the old behaviour (gate none, full-history user knowledge, fixed levels).
 STORED_TRAIN_KEYS = {
     "backbone", "backbone_params", "llm4msr", "knowledge_source", "levels", "placement", "embed_dim", "reduce_dim",
     "proj_dim", "meta_dim", "rank", "hyper_hidden", "lr", "weight_decay", "batch_size", "epochs", "patience", "seed",
     "threads", "eval_batch_size", "progress",
+    "gate", "gate_decay", "knowledge_dropout", "user_knowledge", "early_rows", "levels_auto",
 }  # fmt: skip
 
 
@@ -110,22 +112,22 @@ def test_unknown_names_are_one_clear_line(capsys):
     with pytest.raises(SystemExit):
         llm4msr_cli.main(["train", "--data", "d", "--out", "o", "--backbone", "nope"])
     assert "argument --backbone: invalid choice: 'nope'" in capsys.readouterr().err
-    assert llm4msr_cli.main(["train", "--data", "d", "--out", "o", "--no-llm4msr", "--levels", "item"]) == 2
+    assert llm4msr_cli.main(["train", "--data", "d", "--out", "o", "--no-llm4msr", "--levels", "items"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: LLM4MSR levels must include 'scenario' or 'user' (the meta layers' inputs)"
+    assert err == "error: unknown knowledge level(s) ['items']; choose from scenario, user, item"
 
 
 def test_every_training_default_comes_from_the_config_classes():
     parser = llm4msr_cli.build_parser()
-    train = train_config_from_args(
-        parser.parse_args(["train", "--data", "d", "--out", "o"]), (RUN_FLAGS, TRAINING_FLAGS)
-    )
-    assert train == TrainConfig(progress=train.progress)
+    args = parser.parse_args(["train", "--data", "d", "--out", "o"])
+    train = train_config_from_args(args, (RUN_FLAGS, TRAINING_FLAGS), **levels_values(args))
+    assert train == TrainConfig(progress=train.progress, levels_auto=True)  # --levels auto: the CLI's default
     args = parser.parse_args(["refresh", "--data", "d", "--knowledge-root", "k", "--artifact-dir", "a"])
-    assert TRAIN_FLAGS.build(args) == TrainConfig()
+    assert TRAIN_FLAGS.build(args, **levels_values(args)) == TrainConfig(levels_auto=True)
     # train and compare expose every TrainConfig field that has a command-line form
     on_cli = {name for name, f in config_fields(TrainConfig).items() if f.meta.get("cli", True)}
-    assert on_cli == set(RUN_FLAGS.fields) | set(TRAINING_FLAGS.fields)
+    # --levels has its own parser: it also takes "auto" (which sets levels_auto)
+    assert on_cli - {"levels"} == set(RUN_FLAGS.fields) | set(TRAINING_FLAGS.fields)
 
 
 def test_flags_parse_into_the_nested_config():
@@ -144,7 +146,8 @@ def test_flags_parse_into_the_nested_config():
         "--lr",
         "0.01",
     ]
-    cfg = train_config_from_args(parser.parse_args(argv), (RUN_FLAGS, TRAINING_FLAGS))
+    args = parser.parse_args(argv)
+    cfg = train_config_from_args(args, (RUN_FLAGS, TRAINING_FLAGS), **levels_values(args))
     assert cfg.wrapper.levels == ["user", "item"] and cfg.wrapper.rank == 4 and cfg.lr == 0.01 and not cfg.progress
     args = parser.parse_args(["refresh", "--data", "d", "--knowledge-root", "k", "--artifact-dir", "a"] + [
         "--train-epochs", "3", "--train-batch-size", "64", "--batch-size", "4", "--threads", "2", "--train-threads", "1"

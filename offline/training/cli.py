@@ -33,6 +33,7 @@ TRAINING_FLAGS = ConfigFlags(
         "rank",
         "hyper_hidden",
         "gate",
+        "gate_decay",
         "knowledge_dropout",
         "user_knowledge",
         "early_rows",
