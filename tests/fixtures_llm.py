@@ -82,3 +82,24 @@ def corpus_for(data_dir: Path) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, synth_dir) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llm") / "model", corpus_for(synth_dir))
+
+
+def knowledge_config(data, out, model, **kw):
+    """A knowledge build of the tiny model on CPU in float32, no progress bars (short answers: 6 new tokens)."""
+    from offline.knowledge.backends.base import BackendConfig
+    from offline.knowledge.build import KnowledgeConfig
+
+    backend = BackendConfig(model=str(model), dtype="float32", max_new_tokens=kw.pop("max_new_tokens", 6))
+    return KnowledgeConfig(data=str(data), out=str(out), backend=backend, progress=False, **kw)
+
+
+def counting_executor(backend_config, counts: dict):
+    """The real in-process executor, counting the texts it is asked to process per operation into counts."""
+    from offline.knowledge.local_executor import LocalExecutor
+
+    class CountingExecutor(LocalExecutor):
+        def map(self, op, shards, pooling, progress=None):
+            counts[op] = counts.get(op, 0) + sum(len(s) for s in shards)
+            yield from super().map(op, shards, pooling, progress)
+
+    return CountingExecutor(backend_config)

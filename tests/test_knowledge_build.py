@@ -18,11 +18,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from fixtures_llm import tiny_model  # noqa: F401  (fixture)
+from fixtures_llm import counting_executor, knowledge_config, tiny_model  # noqa: F401  (tiny_model: a fixture)
 
-from offline.knowledge.backends.base import BackendConfig
-from offline.knowledge.build import KnowledgeConfig, run_build
-from offline.knowledge.local_executor import LocalExecutor
+from offline.knowledge.build import run_build
 from shared.errors import DatasetError
 from shared.knowledge.snapshot import LATEST, MANIFEST, USER_FIT, KnowledgeSnapshot, stored_name
 from tests.required import require
@@ -40,25 +38,8 @@ def synth200(tmp_path_factory) -> Path:
     return out
 
 
-def _config(data, out, model, **kw) -> KnowledgeConfig:
-    backend = BackendConfig(model=str(model), dtype="float32", max_new_tokens=kw.pop("max_new_tokens", 6))
-    return KnowledgeConfig(data=str(data), out=str(out), backend=backend, progress=False, **kw)
-
-
-class CountingExecutor(LocalExecutor):
-    """The real hf executor, counting the texts it is asked to process per operation."""
-
-    def __init__(self, backend_config, counts: dict):
-        super().__init__(backend_config)
-        self.counts = counts
-
-    def map(self, op, shards, pooling, progress=None):
-        self.counts[op] = self.counts.get(op, 0) + sum(len(s) for s in shards)
-        yield from super().map(op, shards, pooling, progress)
-
-
 def test_build_writes_complete_snapshot(synth_dir, tiny_model, tmp_path):  # noqa: F811
-    result = run_build(_config(synth_dir, tmp_path / "kn", tiny_model, mode="generate", pooling="last"))
+    result = run_build(knowledge_config(synth_dir, tmp_path / "kn", tiny_model, mode="generate", pooling="last"))
     snap = KnowledgeSnapshot(tmp_path / "kn")
     assert snap.path == result.path and (tmp_path / "kn" / LATEST).read_text().strip() == snap.version
     users, items, scen = snap.users(), snap.items(), snap.scenarios()
@@ -96,7 +77,7 @@ def test_malformed_dataset_fails_before_any_llm_call(synth_dir, tiny_model, tmp_
         raise AssertionError("an LLM executor was created for a malformed dataset")
 
     with pytest.raises(DatasetError) as err:
-        run_build(_config(bad, tmp_path / "kn", tiny_model), executor_factory=factory)
+        run_build(knowledge_config(bad, tmp_path / "kn", tiny_model), executor_factory=factory)
     assert "interactions.csv" in str(err.value) and "no_such_scenario" in str(err.value)
     assert not (tmp_path / "kn").exists() or not any((tmp_path / "kn").iterdir())
 
@@ -112,7 +93,7 @@ def test_malformed_dataset_fails_before_any_llm_call(synth_dir, tiny_model, tmp_
 
 def test_incremental_recomputes_only_changed_users(synth200, tiny_model, tmp_path):  # noqa: F811
     out = tmp_path / "kn"
-    first = run_build(_config(synth200, out, tiny_model))
+    first = run_build(knowledge_config(synth200, out, tiny_model))
     parent = KnowledgeSnapshot(first.path)
 
     data2 = tmp_path / "data2"
@@ -124,8 +105,8 @@ def test_incremental_recomputes_only_changed_users(synth200, tiny_model, tmp_pat
     inter.drop(index=drop).to_csv(data2 / "interactions.csv", index=False)
 
     counts: dict = {}
-    cfg = _config(data2, out, tiny_model)
-    second = run_build(cfg, executor_factory=lambda: CountingExecutor(cfg.backend, counts))
+    cfg = knowledge_config(data2, out, tiny_model)
+    second = run_build(cfg, executor_factory=lambda: counting_executor(cfg.backend, counts))
     m = second.manifest
     assert m.parent_version == parent.version
     assert m.computed == {"scenario": 0, "user": 2, "item": 0}
@@ -136,7 +117,7 @@ def test_incremental_recomputes_only_changed_users(synth200, tiny_model, tmp_pat
     for u in sorted(set(parent.users().ids) - set(changed))[:50]:
         assert np.array_equal(child.users().lookup([u])[0], parent.users().lookup([u])[0])
     # The recomputed vectors are what a full build gives.
-    full = run_build(_config(data2, tmp_path / "full", tiny_model))
+    full = run_build(knowledge_config(data2, tmp_path / "full", tiny_model))
     fresh = KnowledgeSnapshot(full.path).users().lookup(changed)[0]
     assert np.allclose(child.users().lookup(changed)[0], fresh, atol=1e-5)
     assert not np.allclose(child.users().lookup(changed)[0], parent.users().lookup(changed)[0], atol=1e-3)
@@ -211,13 +192,13 @@ def test_kill_9_then_resume_equals_uninterrupted(synth200, tiny_model, tmp_path)
 
 
 def test_pca_space_is_reused_by_refresh(synth_dir, tiny_model, tmp_path):  # noqa: F811
-    first = run_build(_config(synth_dir, tmp_path / "kn", tiny_model, reduce_dim=8))
+    first = run_build(knowledge_config(synth_dir, tmp_path / "kn", tiny_model, reduce_dim=8))
     snap = KnowledgeSnapshot(first.path)
     assert snap.users().dim == 8 and snap.space.dim == 8 and snap.space.raw_dim == 32
     assert snap.space.reducer_sha256 and (first.path / "reducer.safetensors").exists()
-    second = run_build(_config(synth_dir, tmp_path / "kn", tiny_model, reduce_dim=8))
+    second = run_build(knowledge_config(synth_dir, tmp_path / "kn", tiny_model, reduce_dim=8))
     assert second.manifest.space.id == snap.space.id and second.manifest.computed["user"] == 0
-    third = run_build(_config(synth_dir, tmp_path / "kn", tiny_model, reduce_dim=8, new_space=True))
+    third = run_build(knowledge_config(synth_dir, tmp_path / "kn", tiny_model, reduce_dim=8, new_space=True))
     assert third.manifest.computed["user"] == len(snap.users().ids) and third.manifest.parent_version is None
 
 
@@ -243,7 +224,7 @@ def test_truncation_is_counted_warned_once_and_max_length_defines_the_space(
     from offline.knowledge.show import PROMPTS_FILE
 
     limit = 96
-    cfg = _config(synth_dir, tmp_path / "kn", tiny_model, mode="generate")
+    cfg = knowledge_config(synth_dir, tmp_path / "kn", tiny_model, mode="generate")
     cut_cfg = replace(cfg, backend=replace(cfg.backend, dtype="auto", max_length=limit))
     with caplog.at_level("WARNING", logger="offline.knowledge.build"):
         cut = run_build(cut_cfg)
@@ -295,7 +276,7 @@ def test_truncation_is_counted_warned_once_and_max_length_defines_the_space(
 def test_manifest_from_before_the_new_fields_loads_and_refreshes(synth_dir, tiny_model, tmp_path):  # noqa: F811
     """Snapshots written before max_length, dtype, hardware, truncated and the fit vectors were recorded keep their
     space id and stay the parent of the next incremental build, which computes the fit vectors they lack."""
-    first = run_build(_config(synth_dir, tmp_path / "kn", tiny_model, fit_share=0))
+    first = run_build(knowledge_config(synth_dir, tmp_path / "kn", tiny_model, fit_share=0))
     file = first.path / MANIFEST
     data = json.loads(file.read_text())
     for key in ("dtype", "hardware", "truncated", "fit_share", "fit_counts"):
@@ -306,7 +287,7 @@ def test_manifest_from_before_the_new_fields_loads_and_refreshes(synth_dir, tiny
     assert old.space.id == data["space"]["id"] == first.manifest.space.id and old.space.max_length == 2048
     assert (old.manifest.dtype, old.manifest.hardware, old.manifest.truncated) == ("", {}, {})
     assert old.manifest.fit_share is None and not old.has_fit_vectors
-    again = run_build(_config(synth_dir, tmp_path / "kn", tiny_model))
+    again = run_build(knowledge_config(synth_dir, tmp_path / "kn", tiny_model))
     assert again.manifest.parent_version == old.version and again.manifest.computed["user"] == 0
     assert again.manifest.fit_counts.computed == len(old.users().ids) and again.manifest.fit_counts.reused == 0
     assert again.manifest.space.id == old.space.id
@@ -318,10 +299,10 @@ def test_ray_engine_matches_local(synth_dir, tiny_model, tmp_path):  # noqa: F81
 
     from offline.knowledge.ray_engine import RayConfig
 
-    local = run_build(_config(synth_dir, tmp_path / "local", tiny_model, shard_size=16))
+    local = run_build(knowledge_config(synth_dir, tmp_path / "local", tiny_model, shard_size=16))
     try:
         distributed = run_build(
-            _config(
+            knowledge_config(
                 synth_dir,
                 tmp_path / "ray",
                 tiny_model,

@@ -19,14 +19,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from fixtures_llm import tiny_model  # noqa: F401  (fixture)
+from fixtures_llm import counting_executor, knowledge_config, tiny_model  # noqa: F401  (tiny_model: a fixture)
 
 from offline.data.fit_cutoff import DEFAULT_FIT_SHARE, early_train_mask, fit_history
 from offline.data.split import Split, SplitConfig, make_split
 from offline.knowledge import prompts as P
-from offline.knowledge.backends.base import BackendConfig
-from offline.knowledge.build import KnowledgeConfig, run_build
-from offline.knowledge.local_executor import LocalExecutor
+from offline.knowledge.build import run_build
 from offline.knowledge.show import PROMPTS_FILE
 from shared.dataset.folder import read_dataset
 from shared.errors import UserFacingError
@@ -118,23 +116,6 @@ def synth120(tmp_path_factory) -> Path:
     return out
 
 
-def _config(data, out, model, **kw) -> KnowledgeConfig:
-    backend = BackendConfig(model=str(model), dtype="float32", max_new_tokens=kw.pop("max_new_tokens", 6))
-    return KnowledgeConfig(data=str(data), out=str(out), backend=backend, progress=False, **kw)
-
-
-class CountingExecutor(LocalExecutor):
-    """The real hf executor, counting the texts it is asked to process per operation."""
-
-    def __init__(self, backend_config, counts: dict):
-        super().__init__(backend_config)
-        self.counts = counts
-
-    def map(self, op, shards, pooling, progress=None):
-        self.counts[op] = self.counts.get(op, 0) + sum(len(s) for s in shards)
-        yield from super().map(op, shards, pooling, progress)
-
-
 def _prompts(version_dir: Path, table: str) -> dict[str, str]:
     rows = pq.read_table(version_dir / PROMPTS_FILE).to_pandas()
     rows = rows[rows.level == stored_name(table)]
@@ -148,7 +129,7 @@ def _history_line(item) -> str:
 
 
 def test_fit_prompts_never_show_a_late_item(synth_dir, tiny_model, tmp_path):  # noqa: F811
-    result = run_build(_config(synth_dir, tmp_path / "kn", tiny_model))
+    result = run_build(knowledge_config(synth_dir, tmp_path / "kn", tiny_model))
     snap = KnowledgeSnapshot(result.path)
     assert snap.has_fit_vectors and snap.manifest.fit_share == DEFAULT_FIT_SHARE
     fit, serve = _prompts(result.path, USER_FIT), _prompts(result.path, "user")
@@ -176,8 +157,8 @@ def test_fit_prompts_never_show_a_late_item(synth_dir, tiny_model, tmp_path):  #
 
 
 def test_fit_share_0_writes_no_fit_table_and_serve_side_is_unchanged(synth_dir, tiny_model, tmp_path):  # noqa: F811
-    on = run_build(_config(synth_dir, tmp_path / "on", tiny_model, fit_share=0.6))
-    off = run_build(_config(synth_dir, tmp_path / "off", tiny_model, fit_share=0))
+    on = run_build(knowledge_config(synth_dir, tmp_path / "on", tiny_model, fit_share=0.6))
+    off = run_build(knowledge_config(synth_dir, tmp_path / "off", tiny_model, fit_share=0))
     a, b = KnowledgeSnapshot(on.path), KnowledgeSnapshot(off.path)
     # Off: the old protocol's snapshot, no fit table, and a reader that asks for one is told how to get it.
     assert not b.has_fit_vectors and b.manifest.fit_share is None and b.manifest.fit_counts is None
@@ -203,7 +184,7 @@ def test_fit_share_0_writes_no_fit_table_and_serve_side_is_unchanged(synth_dir, 
 def test_generate_mode_answers_the_fit_prompts(synth_dir, tiny_model, tmp_path):  # noqa: F811
     from offline.knowledge.backends import make_backend
 
-    cfg = _config(synth_dir, tmp_path / "kn", tiny_model, mode="generate", reduce_dim=8)
+    cfg = knowledge_config(synth_dir, tmp_path / "kn", tiny_model, mode="generate", reduce_dim=8)
     result = run_build(cfg)
     snap = KnowledgeSnapshot(result.path)
     fit = snap.fit_users()
@@ -240,10 +221,10 @@ def test_generate_mode_answers_the_fit_prompts(synth_dir, tiny_model, tmp_path):
 def test_incremental_reuse_covers_the_fit_table(synth120, tiny_model, tmp_path):  # noqa: F811
     out = tmp_path / "kn"
     # A parent without fit vectors lends its serve vectors; the fit vectors are all computed.
-    run_build(_config(synth120, out, tiny_model, fit_share=0))
+    run_build(knowledge_config(synth120, out, tiny_model, fit_share=0))
     counts: dict = {}
-    cfg = _config(synth120, out, tiny_model)
-    first = run_build(cfg, executor_factory=lambda: CountingExecutor(cfg.backend, counts))
+    cfg = knowledge_config(synth120, out, tiny_model)
+    first = run_build(cfg, executor_factory=lambda: counting_executor(cfg.backend, counts))
     n = len(KnowledgeSnapshot(first.path).users().ids)
     assert first.manifest.computed["user"] == 0 and first.manifest.fit_counts.computed == n
     assert counts == {"embed": n}
@@ -263,7 +244,7 @@ def test_incremental_reuse_covers_the_fit_table(synth120, tiny_model, tmp_path):
 
     counts.clear()
     cfg2 = replace(cfg, data=str(data2))
-    second = run_build(cfg2, executor_factory=lambda: CountingExecutor(cfg2.backend, counts))
+    second = run_build(cfg2, executor_factory=lambda: counting_executor(cfg2.backend, counts))
     m = second.manifest
     assert m.parent_version == first.manifest.version
     assert m.computed == {"scenario": 0, "user": 2, "item": 0}
@@ -343,7 +324,7 @@ def test_publish_sends_the_serve_vectors_only(synth_dir, tiny_model, tmp_path, r
     from shared.knowledge import keys as K
     from shared.knowledge.vector_codec import FLOAT32
 
-    snap = KnowledgeSnapshot(run_build(_config(synth_dir, tmp_path / "kn", tiny_model)).path)
+    snap = KnowledgeSnapshot(run_build(knowledge_config(synth_dir, tmp_path / "kn", tiny_model)).path)
     assert snap.has_fit_vectors
     version = publish_snapshot(snap.path, redis_server.url, vector_format=FLOAT32)
     r = redis_server.client()
