@@ -103,3 +103,36 @@ def counting_executor(backend_config, counts: dict):
             yield from super().map(op, shards, pooling, progress)
 
     return CountingExecutor(backend_config)
+
+
+def kill_build_after_shards(argv: list[str], out: Path, shard_glob: str, shards: int = 3) -> set[str]:
+    """Runs `llm4msr <argv> --out OUT` in a subprocess and SIGKILLs it once `shards` files matching
+    OUT/*/_work/<shard_glob> exist; asserts nothing became visible; returns the names of the finished shard files."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from shared.knowledge.snapshot import MANIFEST
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llm4msr_cli", *argv, "--out", str(out)],
+        cwd=repo,
+        env=dict(os.environ, PYTHONPATH=str(repo)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if len(list(out.glob(f"*/_work/{shard_glob}"))) >= shards:
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "the build ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not list(out.glob(f"*/{MANIFEST}")), "killed build must not be visible"
+    return {p.name for p in out.glob("*/_work/*.parquet")}

@@ -7,10 +7,8 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from fixtures_llm import counting_executor, knowledge_config, tiny_model  # noqa: F401  (tiny_model: a fixture)
+from fixtures_llm import counting_executor, kill_build_after_shards, knowledge_config, tiny_model  # noqa: F401  (tiny_model: a fixture)
 
 from offline.knowledge.build import run_build
 from shared.errors import DatasetError
@@ -147,26 +145,7 @@ def test_kill_9_then_resume_equals_uninterrupted(synth200, tiny_model, tmp_path)
         "--fit-share",  # the old protocol: the fit table's resume is tests/test_knowledge_fit.py's (half the time)
         "0",
     ]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llm4msr_cli", *argv, "--out", str(out)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if len(list(out.glob("*/_work/users-gen-*.parquet"))) >= 3:
-                break
-            time.sleep(0.005)
-        assert proc.poll() is None, "the build ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert not list(out.glob(f"*/{MANIFEST}")), "killed build must not be visible"
-    finished_before = {p.name for p in out.glob("*/_work/*.parquet")}
+    finished_before = kill_build_after_shards(argv, out, "users-gen-*.parquet")
     assert finished_before
 
     recomputed = []

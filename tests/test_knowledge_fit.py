@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from fixtures_llm import counting_executor, knowledge_config, tiny_model  # noqa: F401  (tiny_model: a fixture)
+from fixtures_llm import counting_executor, kill_build_after_shards, knowledge_config, tiny_model  # noqa: F401  (tiny_model: a fixture)
 
 from offline.data.fit_cutoff import DEFAULT_FIT_SHARE, early_train_mask, fit_history
 from offline.data.split import Split, SplitConfig, make_split
@@ -28,7 +25,7 @@ from offline.knowledge.build import run_build
 from offline.knowledge.show import PROMPTS_FILE
 from shared.dataset.folder import read_dataset
 from shared.errors import UserFacingError
-from shared.knowledge.snapshot import MANIFEST, USER_FIT, KnowledgeSnapshot, stored_name
+from shared.knowledge.snapshot import USER_FIT, KnowledgeSnapshot, stored_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -266,25 +263,7 @@ def test_kill_9_in_the_fit_phase_then_resume(synth_dir, tiny_model, tmp_path):  
     out = tmp_path / "killed"
     argv = ["knowledge", "build", "--data", str(synth_dir), "--model", str(tiny_model), "--dtype", "float32"]
     argv += ["--shard-size", "4", "--no-progress"]  # encode mode: the kill lands in the fit table's embedding
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llm4msr_cli", *argv, "--out", str(out)],
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if len(list(out.glob("*/_work/users_fit-emb-*.parquet"))) >= 3:
-                break
-            time.sleep(0.005)
-        assert proc.poll() is None, "the build ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert not list(out.glob(f"*/{MANIFEST}")), "killed build must not be visible"
-    finished_before = {p.name for p in out.glob("*/_work/*.parquet")}
+    finished_before = kill_build_after_shards(argv, out, "users_fit-emb-*.parquet")
     assert {n for n in finished_before if n.startswith("users_fit-emb-")}
     assert not {n for n in finished_before if n.startswith("items-emb-")}, "killed after the fit phase"
 
