@@ -16,6 +16,8 @@ under background load) and report medians of wall-clock seconds and of process C
       --gen-users 3 --max-new-tokens 32 --rounds 4     # prefix reuse on vs off, encode and generate
   python bench/knowledge_bench.py --backends hf --no-phases --no-incremental --compare-batching --users 2 \\
       --items 180 --gen-users 0 --rounds 3             # batches of --batch-tokens tokens vs --batch-size texts
+  python bench/knowledge_bench.py --backends hf --no-phases --no-incremental --compare-dtype bfloat16 \
+      --data /path/to/ml-latest-small --users 32 --gen-users 0 --rounds 3   # the --dtype default vs bfloat16
   python bench/knowledge_bench.py --data /path/to/dataset --users 512 --json /tmp/kn_bench.json
   python bench/knowledge_bench.py --device cuda --model /models/Qwen2.5-1.5B-Instruct --users 4096 --gen-users 1024
 """
@@ -79,7 +81,7 @@ def _backend_config(name: str, args, **changes):
     """The backend's config from the bench's options, read as `knowledge build` reads them; dtype as resolved once."""
     from offline.knowledge.cli import backend_config_from_args
 
-    return backend_config_from_args(args, backend=name, dtype=args.dtype_choice.dtype, **changes)
+    return backend_config_from_args(args, backend=name, **{"dtype": args.dtype_choice.dtype, **changes})
 
 
 class Tokens:
@@ -356,6 +358,41 @@ def _compare_batching(args, texts: dict[str, list[str]]) -> list[dict]:
     return out
 
 
+def _compare_dtype(args, texts: dict[str, list[str]]) -> list[dict]:
+    """hf with the bench's dtype (--dtype, resolved) and with --compare-dtype, alternating rounds, on the user
+    prompts (encode): the new default against an old one, in one run. Both models stay loaded."""
+    from offline.knowledge.backends import make_backend
+    from offline.knowledge.local_executor import LocalExecutor
+
+    new, old = args.dtype_choice.dtype, args.compare_dtype
+    if new == old:
+        raise SystemExit(f"--compare-dtype {old} is the dtype --dtype {args.dtype} already chose")
+    users = texts["users"]
+    executors, backends = {}, []
+    try:
+        for name, dtype in (("new", new), ("old", old)):
+            cfg = _backend_config("hf", args, dtype=dtype)
+            backend = make_backend(cfg)
+            backends.append(backend)
+            backend.embed(users[:2], args.pooling)  # warm-up
+            executors[name] = LocalExecutor(cfg, backend=backend)
+        current: dict[str, str] = {}
+        settings = {name: (lambda n=name: current.update(name=n)) for name in executors}
+        times, res = _alternate(
+            f"dtype users encode ({new} vs {old})",
+            args.rounds,
+            settings,
+            lambda: _run_phase(executors[current["name"]], "embed", users, args.pooling)[0],
+        )
+    finally:
+        for backend in backends:
+            backend.close()
+    row = _side_by_side(f"users encode, {new} vs {old}", len(users), times, "new", "old")
+    row["min_cosine"] = _min_cosine(np.stack(res["new"]), np.stack(res["old"]))
+    row["dtypes"] = {"new": new, "old": old}
+    return [row]
+
+
 def _change_one_percent(data: Path, changed_dir: Path) -> tuple[int, int]:
     """A copy of the dataset where 1% of the users lost one positive interaction: (users, changed users)."""
     import pandas as pd
@@ -429,7 +466,7 @@ def _bench_incremental(data: Path, args, tmp: Path) -> dict:
     }
 
 
-def _print_report(args, rows, prefix_rows, batching_rows, incremental, texts) -> None:
+def _print_report(args, rows, prefix_rows, batching_rows, dtype_rows, incremental, texts) -> None:
     choice = args.dtype_choice
     cpu = choice.cpu
     print(
@@ -480,7 +517,7 @@ def _print_report(args, rows, prefix_rows, batching_rows, incremental, texts) ->
                 f"generate-only; {r['generate_users_per_s'] / PAPER_USERS_PER_S:.0f}x the paper's code at "
                 f"{PAPER_USERS_PER_S:.2f} users/s)"
             )
-    _print_comparisons(args, prefix_rows, batching_rows)
+    _print_comparisons(args, prefix_rows, batching_rows, dtype_rows)
     if incremental:
         print(
             f"\nincremental refresh{' (fresh processes)' if incremental['fresh_process'] else ''}: "
@@ -492,9 +529,11 @@ def _print_report(args, rows, prefix_rows, batching_rows, incremental, texts) ->
         )
 
 
-def _print_comparisons(args, prefix_rows: list[dict], batching_rows: list[dict]) -> None:
-    """The side-by-side comparisons (prefix reuse on/off, token-budget/fixed-count batches), one line per row."""
+def _print_comparisons(args, prefix_rows: list[dict], batching_rows: list[dict], dtype_rows: list[dict]) -> None:
+    """The side-by-side comparisons (prefix reuse on/off, token-budget/fixed-count batches, default dtype/old dtype),
+    one line per row."""
     for title, cmp_rows, new, old in (
+        (f"dtype {args.dtype} ({args.dtype_choice.dtype}) vs {args.compare_dtype} (hf)", dtype_rows, "new", "old"),
         ("shared-prefix reuse on vs off (hf)", prefix_rows, "on", "off"),
         (
             f"batches of {args.batch_tokens or 8192} tokens vs {args.batch_size} texts (hf)",
@@ -545,6 +584,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compare-batching", action="store_true", help="hf: token-budget vs fixed-count batches, side by side"
     )
+    p.add_argument(
+        "--compare-dtype",
+        choices=("bfloat16", "float32", "float16"),
+        help="hf: users/s of --dtype (resolved) against this dtype, side by side (e.g. bfloat16, the old default)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of each comparison (medians reported)")
     p.add_argument("--no-incremental", action="store_true")
     p.add_argument("--incremental-repeats", type=int, default=3, help="refreshes timed (median reported)")
@@ -566,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     args.threads = resolve_threads(args.threads)
 
     tmp = Path(tempfile.mkdtemp(prefix="kn-bench-"))
-    rows, prefix_rows, batching_rows = [], [], []
+    rows, prefix_rows, batching_rows, dtype_rows = [], [], [], []
     try:
         data = _dataset(args, tmp)
         texts = _texts(data, args)
@@ -595,11 +639,13 @@ def main(argv: list[str] | None = None) -> int:
             prefix_rows = _compare_prefix(args, texts)
         if args.compare_batching:
             batching_rows = _compare_batching(args, texts)
+        if args.compare_dtype:
+            dtype_rows = _compare_dtype(args, texts)
         incremental = None if args.no_incremental else _bench_incremental(data, args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    _print_report(args, rows, prefix_rows, batching_rows, incremental, texts)
+    _print_report(args, rows, prefix_rows, batching_rows, dtype_rows, incremental, texts)
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -610,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
                     "backends": rows,
                     "compare_prefix": prefix_rows,
                     "compare_batching": batching_rows,
+                    "compare_dtype": dtype_rows,
                     "incremental": incremental,
                 },
                 indent=2,

@@ -2,11 +2,11 @@
 # The main job end to end on the embedded defaults:
 #   synthetic data -> split -> LLM knowledge (embedded SmolLM2) -> [publish to Redis] -> train STAR + LLM4MSR
 #   -> evaluate -> start the ranker -> rank a sample user's candidates and show the LLM's explanation -> stop.
-# Environment: DEMO_USERS (default 40), DEMO_MODE (generate|encode, default generate), REDIS_URL (optional:
+# Environment: DEMO_USERS (default 16), DEMO_MODE (generate|encode, default generate), REDIS_URL (optional:
 # publish there and serve from Redis; without it the ranker reads the Parquet snapshot), DEMO_PORT.
 set -euo pipefail
 OUT=${1:-demo}
-USERS=${DEMO_USERS:-40}
+USERS=${DEMO_USERS:-16}
 MODE=${DEMO_MODE:-generate}
 PORT=${DEMO_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 mkdir -p "$OUT"
