@@ -52,6 +52,45 @@ def test_backbone_eval_is_batch_independent(name):
     assert torch.allclose(full, shuffled, atol=1e-6)
 
 
+def test_star_per_scenario_cache_follows_parameter_changes():
+    """STAR's one-scenario path reuses fused weights without autograd; any in-place change (an optimizer step,
+    load_state_dict, new running statistics) must invalidate them, and a copy must not share them."""
+    import copy
+
+    torch.manual_seed(0)
+    model = build_backbone("star", {}, 24, 3)
+    x, one = torch.randn(16, 24), torch.full((16,), 1)
+    mixed = torch.randint(0, 3, (16,))
+    mixed[0], mixed[1] = 0, 2  # at least two scenarios: the general (uncached) path
+
+    def general(m):  # the same rows scored through the path that fuses nothing
+        rows = torch.cat([x, x]), torch.cat([one, mixed])
+        return m(*rows)[:16]
+
+    model.eval()
+    with torch.no_grad():
+        first = model(x, one)
+        assert torch.allclose(first, general(model), atol=1e-6)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    model(x, mixed).sum().backward()  # also updates the running statistics in place
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        after_step = model(x, one)
+        assert not torch.allclose(after_step, first, atol=1e-4)
+        assert torch.allclose(after_step, general(model), atol=1e-6)
+        clone = copy.deepcopy(model)
+        fresh = build_backbone("star", {}, 24, 3).eval()
+        model.load_state_dict(fresh.state_dict())
+        assert torch.allclose(model(x, one), fresh(x, one), atol=1e-6)
+        assert torch.allclose(clone(x, one), after_step, atol=1e-6)
+    # With autograd on, the one-scenario path still reaches the parameters.
+    model.zero_grad()
+    model(x, one).sum().backward()
+    assert model.layers[0].w_s.grad is not None and model.layers[0].w_s.grad[1].abs().sum() > 0
+
+
 def test_unknown_backbone_and_levels_are_refused():
     with pytest.raises(UserFacingError, match="unknown backbone"):
         build_backbone("nope", {}, 8, 2)

@@ -110,11 +110,10 @@ class FeatureEncoder:
         return out
 
     def _encode(
-        self, user_ids, item_ids, scenario_codes: np.ndarray, extras: Mapping[str, Sequence[str]] | None
+        self, user_codes: np.ndarray, item_ids, scenario_codes: np.ndarray, extras: Mapping[str, Sequence[str]] | None
     ) -> np.ndarray:
         n = len(item_ids)
         out = np.zeros((n, len(self.vocabs)), dtype=np.int64)
-        user_codes = self._codes(USER, user_ids)
         for j, field in enumerate(self.vocabs):
             if field == USER:
                 out[:, j] = user_codes
@@ -137,9 +136,8 @@ class FeatureEncoder:
         """Rows -> (fields [n, F] int64, scenario [n] int64). Missing extra columns encode as OOV."""
         scen = self.scenario_codes(frame[SCENARIO].astype(str).to_numpy(dtype=object))
         extras = {f: frame[f] for f in self.extra_fields if f in frame.columns}
-        fields = self._encode(
-            frame[USER].astype(str).to_numpy(dtype=object), frame[ITEM].astype(str).to_numpy(dtype=object), scen, extras
-        )
+        users = self._codes(USER, frame[USER].astype(str).to_numpy(dtype=object))
+        fields = self._encode(users, frame[ITEM].astype(str).to_numpy(dtype=object), scen, extras)
         return fields, scen
 
     def encode_request(
@@ -153,7 +151,8 @@ class FeatureEncoder:
         if scenario not in self._dicts[SCENARIO]:
             self.scenario_codes([scenario])  # raises the error naming the valid scenarios
         scen = np.full(n, self._dicts[SCENARIO][scenario] - 1, dtype=np.int64)
-        return self._encode([str(user_id)] * n, [str(i) for i in item_ids], scen, features), scen
+        users = np.full(n, self._dicts[USER].get(str(user_id), OOV_INDEX), dtype=np.int64)  # one lookup, not n
+        return self._encode(users, [str(i) for i in item_ids], scen, features), scen
 
     def field_sizes(self) -> dict[str, int]:
         return {name: len(v) for name, v in self.vocabs.items()}

@@ -54,6 +54,37 @@ def single_scenario(scenario: torch.Tensor) -> int | None:
     return int(first) if bool((scenario == first).all()) else None
 
 
+class FusedPerScenario:
+    """One scenario's fused parameters (e.g. STAR's W_shared * W_s), computed once and reused while the module's
+    parameters and buffers are unchanged: a ranking request then skips the per-layer fusing ops.
+
+    Only without autograd (serving, evaluation): with gradients on, the fused tensors are recomputed on every call so
+    that backward reaches the parameters. A cached entry is keyed by the version counters of the module's own
+    tensors, which every in-place change (an optimizer step, load_state_dict, a running-statistics update) bumps.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[tuple[int, ...], tuple[torch.Tensor, ...]]] = {}
+
+    def get(self, module: nn.Module, one: int, fuse) -> tuple[torch.Tensor, ...]:
+        if torch.is_grad_enabled():
+            return fuse(one)
+        versions = tuple(t._version for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))
+        hit = self._cache.get(one)
+        if hit is not None and hit[0] == versions:
+            return hit[1]
+        fused = fuse(one)
+        self._cache[one] = (versions, fused)  # one dict store: safe with concurrent request threads
+        return fused
+
+    # A copied or unpickled module starts with an empty cache (its tensors' version counters start afresh).
+    def __deepcopy__(self, memo: dict) -> FusedPerScenario:
+        return FusedPerScenario()
+
+    def __getstate__(self) -> dict:
+        return {"_cache": {}}
+
+
 def mlp(dims: list[int], dropout: float = 0.0, last_act: bool = True) -> nn.Sequential:
     """Linear + ReLU stack; dims = [in, h1, ..., out]."""
     layers: list[nn.Module] = []

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from shared.models.backbones.base import Backbone, BackboneConfig, mlp, single_scenario
+from shared.models.backbones.base import Backbone, BackboneConfig, FusedPerScenario, mlp, single_scenario
 
 
 class STARConfig(BackboneConfig):
@@ -36,8 +36,14 @@ class PartitionedNorm(nn.Module):
         self.beta_s = nn.Parameter(torch.zeros(n_scenarios, dim))
         self.register_buffer("running_mean", torch.zeros(n_scenarios, dim))
         self.register_buffer("running_var", torch.ones(n_scenarios, dim))
+        self._fused = FusedPerScenario()
 
-    def forward(self, x: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
+    def _fuse(self, one: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = torch.rsqrt(self.running_var[one] + self.eps) * (self.gamma * self.gamma_s[one])
+        return self.beta + self.beta_s[one] - self.running_mean[one] * scale, scale
+
+    def forward(self, x: torch.Tensor, scenario: torch.Tensor, one: int | None = None) -> torch.Tensor:
+        """`one`: the scenario index when every row has it (single_scenario), computed once by the caller."""
         if self.training:
             mean = torch.zeros_like(x)
             var = torch.ones_like(x)
@@ -54,10 +60,8 @@ class PartitionedNorm(nn.Module):
                     self.running_mean[s].lerp_(m.detach(), self.momentum)
                     self.running_var[s].lerp_(xs.detach().var(0, unbiased=True), self.momentum)
         else:
-            one = single_scenario(scenario)
             if one is not None:  # a ranking request (one scenario for all rows): one fused affine map
-                scale = torch.rsqrt(self.running_var[one] + self.eps) * (self.gamma * self.gamma_s[one])
-                shift = self.beta + self.beta_s[one] - self.running_mean[one] * scale
+                shift, scale = self._fused.get(self, one, self._fuse)
                 return torch.addcmul(shift, x, scale)
             mean, var = self.running_mean.index_select(0, scenario), self.running_var.index_select(0, scenario)
         normed = (x - mean) * torch.rsqrt(var + self.eps)
@@ -76,10 +80,16 @@ class StarLinear(nn.Module):
         self.b_shared = nn.Parameter(torch.zeros(out_dim))
         self.b_s = nn.Parameter(torch.zeros(n_scenarios, out_dim))
 
-    def forward(self, x: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
-        one = single_scenario(scenario)
+        self._fused = FusedPerScenario()
+
+    def _fuse(self, one: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.b_shared + self.b_s[one], self.w_shared * self.w_s[one]
+
+    def forward(self, x: torch.Tensor, scenario: torch.Tensor, one: int | None = None) -> torch.Tensor:
+        """`one`: the scenario index when every row has it (single_scenario), computed once by the caller."""
         if one is not None:  # a ranking request (one scenario for all rows): one scenario's matmul, not all S
-            return torch.addmm(self.b_shared + self.b_s[one], x, self.w_shared * self.w_s[one])
+            bias, weight = self._fused.get(self, one, self._fuse)
+            return torch.addmm(bias, x, weight)
         s, i, o = self.w_s.shape
         weights = (self.w_shared * self.w_s).permute(1, 0, 2).reshape(i, s * o)  # all scenarios side by side
         out = (x @ weights).view(-1, s, o)
@@ -101,9 +111,10 @@ class STAR(Backbone):
         self.aux = mlp([config.scenario_dim + input_dim, *config.aux_hidden, 1], last_act=False)
 
     def forward(self, x: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
-        h = self.pn(x, scenario)
+        one = single_scenario(scenario)
+        h = self.pn(x, scenario, one)
         for i, layer in enumerate(self.layers):
-            h = layer(h, scenario)
+            h = layer(h, scenario, one)
             if i < len(self.layers) - 1:
                 h = self.dropout(torch.relu(h))
         aux = self.aux(torch.cat([self.scenario_emb(scenario), x], dim=-1))
