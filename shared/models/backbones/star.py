@@ -79,7 +79,6 @@ class StarLinear(nn.Module):
         self.w_s = nn.Parameter(torch.ones(n_scenarios, in_dim, out_dim))
         self.b_shared = nn.Parameter(torch.zeros(out_dim))
         self.b_s = nn.Parameter(torch.zeros(n_scenarios, out_dim))
-
         self._fused = FusedPerScenario()
 
     def _fuse(self, one: int) -> tuple[torch.Tensor, torch.Tensor]:
