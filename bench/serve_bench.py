@@ -632,7 +632,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--variants",
         default="plain,llm4msr,llm4msr-item",
-        help="plain = STAR alone; llm4msr = STAR + scenario and user knowledge (the paper); llm4msr-item = + item level",
+        help="plain = STAR alone; llm4msr = STAR + scenario and user knowledge (the paper); llm4msr-item = + item level; "
+        "a suffix @inline or @thread serves that model with LLM4MSR_RANK_EXECUTOR set so (e.g. llm4msr,llm4msr@inline)",
     )
     ap.add_argument("--users", type=int, default=300, help="synthetic world: users")
     ap.add_argument("--items-per-scenario", type=int, default=400, help="synthetic world: items per scenario")
@@ -670,11 +671,12 @@ def main(argv: list[str] | None = None) -> int:
         os.nice(args.nice)
     cells = parse_cells(args)
     variants = args.variants.split(",")
+    models = list(dict.fromkeys(v.split("@")[0] for v in variants))  # llm4msr@inline serves the llm4msr model
     worker_counts = [int(x) for x in args.workers.split(",")]
     work = Path(args.work or tempfile.mkdtemp(prefix="serve_bench_"))
     work.mkdir(parents=True, exist_ok=True)
 
-    world = build_world(work / "world", args.users, args.items_per_scenario, args.dim, args.epochs, variants)
+    world = build_world(work / "world", args.users, args.items_per_scenario, args.dim, args.epochs, models)
     artifacts = dict(world["artifacts"])
     knowledge = world["knowledge"]
     if args.artifact_plain:
@@ -691,10 +693,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = {"LLM4MSR_KNOWLEDGE_CACHE_DIR": str(work / "knowledge-cache")}  # memory-mapped copies stay in work
         for v in variants:
+            model, _, executor = v.partition("@")
+            server_env = {**env, "LLM4MSR_RANK_EXECUTOR": executor} if executor else env
             for w in worker_counts:
                 log = work / f"server-{v}-w{w}.log"
-                kn = knowledge if v != "plain" else None
-                servers[(v, w)] = start_server(artifacts[v], kn, log, args.torch_threads, w, env)
+                kn = knowledge if model != "plain" else None
+                servers[(v, w)] = start_server(artifacts[model], kn, log, args.torch_threads, w, server_env)
         results = measure_cells(servers, bodies, cells, args)
         for (v, w), (_, port) in servers.items():
             stages[f"{v} w{w}"] = stage_means(port)
@@ -702,13 +706,13 @@ def main(argv: list[str] | None = None) -> int:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=30)
-    memory = measure_memory(world, artifacts.get("llm4msr", artifacts[variants[0]]), work, args) if args.memory else []
+    memory = measure_memory(world, artifacts.get("llm4msr", artifacts[models[0]]), work, args) if args.memory else []
 
     llm = None
     if args.llm_encode > 0 or args.llm_generate > 0:
         llm = request_time_llm(
             world,
-            artifacts["llm4msr"] if "llm4msr" in artifacts else artifacts[variants[0]],
+            artifacts["llm4msr"] if "llm4msr" in artifacts else artifacts[models[0]],
             args.llm_candidates,
             args.llm_encode,
             args.llm_generate,
