@@ -124,12 +124,9 @@ class Ranker:
         """One batched forward for all candidates (the meta layers are generated once per request).
 
         Knowledge of the wrong shape raises KnowledgeDataError (a data fault); any other UserFacingError from the
-        scorer is about the request's input."""
-        import torch
-
+        scorer is about the request's input. (RequestScorer.score runs under inference mode itself.)"""
         self.check_knowledge(knowledge, len(item_ids))
-        with torch.inference_mode():
-            scores = self.scorer.score(scenario, user_id, item_ids, knowledge, features=features)
+        scores = self.scorer.score(scenario, user_id, item_ids, knowledge, features=features)
         return np.asarray(scores, dtype=np.float32).reshape(-1)
 
     def check_knowledge(self, knowledge: RequestKnowledge, n: int) -> None:
