@@ -19,7 +19,7 @@ import pytest
 from fixtures_llm import counting_executor, kill_build_after_shards, knowledge_config, tiny_model  # noqa: F401  (tiny_model: a fixture)
 
 from offline.knowledge.build import run_build
-from shared.errors import DatasetError
+from shared.errors import DatasetError, UserFacingError
 from shared.knowledge.snapshot import LATEST, MANIFEST, USER_FIT, KnowledgeSnapshot, stored_name
 from tests.required import require
 
@@ -362,3 +362,67 @@ def test_cli_build_and_show_with_smollm2(tmp_path):
         manifest["space"]["template_sha256"]
         == __import__("offline.knowledge.prompts").knowledge.prompts.template_sha256()
     )
+
+
+def test_reduced_build_reuses_an_unreduced_parents_llm_vectors(synth_dir, tiny_model, tmp_path):  # noqa: F811
+    """Moving a root to a reduced space costs no LLM work: the parent's own vectors go through the new reducer, and
+    the result equals a full reduced build."""
+    from offline.knowledge.build_reduce import apply_reducer, load_reducer
+
+    raw = run_build(knowledge_config(synth_dir, tmp_path / "kn", tiny_model, reduce_dim=None))
+    assert raw.manifest.space.reducer_sha256 is None and raw.manifest.space.dim == 32
+    reduced = run_build(knowledge_config(synth_dir, tmp_path / "kn", tiny_model, reduce_dim=8))
+    m = reduced.manifest
+    assert m.parent_version == raw.manifest.version and m.space.dim == 8 and m.space.reducer_sha256
+    assert all(m.computed[level] == 0 for level in ("scenario", "user", "item"))
+    mean, comps = load_reducer(reduced.path / "reducer.safetensors")
+    before, after = KnowledgeSnapshot(raw.path), KnowledgeSnapshot(reduced.path)
+    for table in ("scenario", "user", "item", USER_FIT):
+        assert after.table(table).ids == before.table(table).ids
+        expected = apply_reducer(before.table(table).embeddings, mean, comps)
+        np.testing.assert_allclose(after.table(table).embeddings, expected, rtol=1e-5, atol=1e-5)
+    full = run_build(knowledge_config(synth_dir, tmp_path / "full", tiny_model, reduce_dim=8))
+    assert full.manifest.computed["user"] > 0
+    for table in ("scenario", "user", "item", USER_FIT):
+        np.testing.assert_allclose(
+            KnowledgeSnapshot(full.path).table(table).embeddings, after.table(table).embeddings, atol=1e-4
+        )
+
+
+def test_reduce_dim_auto_keeps_the_latest_space_and_reduces_only_wide_well_sampled_llms():
+    from types import SimpleNamespace
+
+    from offline.knowledge.build_config import AUTO_REDUCE_DIM
+    from offline.knowledge.build_plan import resolve_reduce_dim
+
+    def latest(dim, reducer):
+        return SimpleNamespace(version="v1", space=SimpleNamespace(dim=dim, reducer_sha256=reducer))
+
+    assert resolve_reduce_dim(16, 576, latest(576, None), 10)[0] == 16  # a number is taken as given
+    assert resolve_reduce_dim(None, 576, None, 100_000)[0] is None
+    assert resolve_reduce_dim("auto", 576, None, 100_000)[0] == AUTO_REDUCE_DIM
+    assert resolve_reduce_dim("auto", 4096, None, 1024)[0] == AUTO_REDUCE_DIM
+    assert resolve_reduce_dim("auto", 4096, None, 1023)[0] is None  # too few vectors for the PCA
+    assert resolve_reduce_dim("auto", 256, None, 100_000)[0] is None  # not wider than the target
+    # A refresh never changes the space by itself: the latest version decides, reduced or not.
+    assert resolve_reduce_dim("auto", 576, latest(576, None), 100_000)[0] is None
+    assert resolve_reduce_dim("auto", 576, latest(128, "abc"), 10)[0] == 128
+
+
+def test_reduce_dim_option_takes_a_number_none_or_auto(tmp_path):
+    import argparse
+
+    from offline.knowledge.build_config import KnowledgeConfig
+    from offline.knowledge.cli import add_build_args, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_build_args(parser)
+    base = ["--data", str(tmp_path), "--out", str(tmp_path / "kn")]
+    assert config_from_args(parser.parse_args(base)).reduce_dim == "auto"
+    assert config_from_args(parser.parse_args([*base, "--reduce-dim", "none"])).reduce_dim is None
+    assert config_from_args(parser.parse_args([*base, "--reduce-dim", "64"])).reduce_dim == 64
+    for bad in ("0", "-3", "half"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*base, "--reduce-dim", bad])
+    with pytest.raises(UserFacingError, match="--reduce-dim"):
+        KnowledgeConfig(data="d", out="o", reduce_dim=0)

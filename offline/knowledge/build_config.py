@@ -3,6 +3,7 @@ from its own. Re-exported as offline.knowledge.build.KnowledgeConfig."""
 
 from __future__ import annotations
 
+from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 
 from offline.data.fit_cutoff import DEFAULT_FIT_SHARE
@@ -13,6 +14,30 @@ from offline.knowledge.executors import EXECUTORS
 from offline.knowledge.options import cli
 from offline.knowledge.prompts import PromptConfig
 from shared.errors import UserFacingError
+
+AUTO = "auto"
+# --reduce-dim auto: the width a new knowledge space is reduced to (SmolLM2's 576 -> 256: an int8 user vector in
+# Redis then costs about a sixth of a float32 one; a 7B model's 3,584-4,096 -> 256: about a sixtieth) ...
+AUTO_REDUCE_DIM = 256
+# ... when the PCA has at least this many vectors per kept dimension to be fitted on (a PCA fitted on fewer would
+# describe those vectors, not the next refresh's).
+AUTO_MIN_VECTORS_PER_DIM = 4
+
+
+def parse_reduce_dim(value: int | str | None, error: type[Exception]) -> int | str | None:
+    """A --reduce-dim value: a positive int, None ('none') or AUTO; anything else raises error."""
+    if value is None or value == AUTO:
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("none", AUTO):
+            return None if text == "none" else AUTO
+        if not text.lstrip("-").isdigit():
+            raise error(f"--reduce-dim takes a number, 'none' or 'auto', not {value!r}")
+        value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise error(f"--reduce-dim must be a positive number, 'none' or 'auto', got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -30,8 +55,17 @@ class KnowledgeConfig:
     engine_options: ExecutorConfig | None = field(default=None, metadata=cli(hidden=True))
     split: SplitConfig = field(default_factory=SplitConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
-    # PCA to this many dimensions; the fitted reducer defines the knowledge space and is reused by refreshes.
-    reduce_dim: int | None = field(default=None, metadata=cli(help="PCA to this dimension (defines the space)"))
+    # PCA to this many dimensions (None: vectors as the LLM gives them); the fitted reducer defines the knowledge
+    # space and is reused by refreshes. "auto" is resolved when the build is planned (build_plan.resolve_reduce_dim).
+    reduce_dim: int | str | None = field(
+        default=AUTO,
+        metadata=cli(
+            help=f"PCA to this many dimensions (defines the knowledge space), 'none', or 'auto' (default): the space "
+            f"of the latest version when it has the same LLM and prompts, else {AUTO_REDUCE_DIM} when the LLM is "
+            f"wider and the build has at least {AUTO_MIN_VECTORS_PER_DIM} vectors per kept dimension",
+            parse=lambda text: parse_reduce_dim(text, ArgumentTypeError),
+        ),
+    )
     # Fit a new reducer even if the previous version has one (a new space: models must be retrained).
     new_space: bool = field(default=False, metadata=cli(help="fit a new reducer even if the last version has one"))
     # Reuse vectors of unchanged prompts from the previous version in --out.
@@ -67,8 +101,7 @@ class KnowledgeConfig:
                 f"engine {self.engine!r} takes {options_class.__name__} options, "
                 f"not {type(self.engine_options).__name__}"
             )
-        if self.reduce_dim is not None and self.reduce_dim < 1:
-            raise UserFacingError("--reduce-dim must be positive")
+        object.__setattr__(self, "reduce_dim", parse_reduce_dim(self.reduce_dim, UserFacingError))
         if self.shard_size < 1:
             raise UserFacingError("shard size must be positive")
         if self.fit_share != 0 and not 0 < self.fit_share < 1:

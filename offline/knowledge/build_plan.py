@@ -17,7 +17,7 @@ from offline.data.fit_cutoff import fit_history
 from offline.data.split import Split, make_split
 from offline.knowledge import prompts as P
 from offline.knowledge.backends.base import DtypeChoice, resolve_dtype
-from offline.knowledge.build_config import KnowledgeConfig
+from offline.knowledge.build_config import AUTO, AUTO_MIN_VECTORS_PER_DIM, AUTO_REDUCE_DIM, KnowledgeConfig
 from offline.knowledge.build_shards import BUILD_KEY_FILE, WORK
 from shared.dataset.folder import Dataset, read_dataset
 from shared.errors import UserFacingError
@@ -59,7 +59,8 @@ class TableWork:
     texts: list[str]
     hashes: list[str]
     generate: bool
-    reused: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)  # id -> (response, final vector)
+    # id -> (response, the parent's stored vector: reduced in its space, or the LLM's own when it has no reducer)
+    reused: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
 
     def pending(self) -> list[int]:
         return [i for i, id_ in enumerate(self.ids) if id_ not in self.reused]
@@ -67,7 +68,7 @@ class TableWork:
 
 @dataclass(frozen=True)
 class BuildPlan:
-    """Everything the later steps read: the settings (dtype resolved), the inputs' fingerprints, the rows to compute
+    """Everything the later steps read: the settings (dtype and reduce dim resolved), the inputs' fingerprints, the rows to compute
     or reuse per table, and the version folder."""
 
     config: KnowledgeConfig
@@ -83,6 +84,8 @@ class BuildPlan:
     parent: KnowledgeSnapshot | None
     # Copy the parent's reducer instead of fitting one (same space, same --reduce-dim).
     reuse_reducer: bool
+    # The reused vectors are the LLM's own (an unreduced parent) and go through this build's new reducer.
+    reduce_reused: bool
     # Per table, in TABLES order (USER_FIT only when the build makes fit vectors).
     tables: dict[str, TableWork]
     version_dir: Path
@@ -124,7 +127,14 @@ def plan_build(config: KnowledgeConfig) -> BuildPlan:
     generation = _generation_settings(config)
     root = Path(config.out)
     root.mkdir(parents=True, exist_ok=True)
-    parent, reuse_reducer = _usable_parent(root, config, space_key, generation)
+    latest = _latest_in_space(root, space_key)
+    n_vectors = len(texts["user"]) + len(texts["item"])
+    reduce_dim, why = resolve_reduce_dim(config.reduce_dim, raw_dim, latest, n_vectors)
+    if config.reduce_dim == AUTO:
+        log.info("--reduce-dim auto: %s (%s)", reduce_dim or "none", why)
+    config = replace(config, reduce_dim=reduce_dim)
+    use = _usable_parent(latest, config, generation)
+    parent = use.parent
     generated = (*META_LEVELS, USER_FIT) if config.mode == "generate" else ()
     tables = {table: _table_work(table, texts[table], table in generated, parent) for table in TABLES if table in texts}
     build_key = _sha(
@@ -155,7 +165,8 @@ def plan_build(config: KnowledgeConfig) -> BuildPlan:
         space_key=space_key,
         generation=generation,
         parent=parent,
-        reuse_reducer=reuse_reducer,
+        reuse_reducer=use.reuse_reducer,
+        reduce_reused=use.reduce_reused,
         tables=tables,
         version_dir=_version_dir(root, build_key),
     )
@@ -198,37 +209,69 @@ def _generation_settings(config: KnowledgeConfig) -> dict:
     }
 
 
-def _usable_parent(
-    root: Path, config: KnowledgeConfig, space_key: SpaceKey, generation: dict
-) -> tuple[KnowledgeSnapshot | None, bool]:
-    """(the previous version whose vectors this build may reuse, or None; whether its reducer is reused)."""
-    parent = _find_parent(root, space_key, generation) if config.incremental else None
-    # The reducer: reuse the parent's (same space) unless a new one is asked for.
-    reuse_reducer = (
-        parent is not None
-        and config.reduce_dim is not None
-        and not config.new_space
-        and parent.space.reducer_sha256 is not None
-        and parent.space.dim == config.reduce_dim
-        and (parent.path / REDUCER_FILE).exists()
-    )
-    vectors_reusable = parent is not None and (
-        (config.reduce_dim is None and parent.space.reducer_sha256 is None) or reuse_reducer
-    )
-    if parent is not None and not vectors_reusable:
-        log.info("previous version %s has another reducer: full build", parent.version)
-        parent = None
-    return parent, reuse_reducer
+def resolve_reduce_dim(
+    requested: int | str | None, raw_dim: int, latest: KnowledgeSnapshot | None, n_vectors: int
+) -> tuple[int | None, str]:
+    """(the build's reduce dim, why): a number or None as given; AUTO keeps the latest version's space (same LLM and
+    prompts) so that a refresh never changes it by itself, and otherwise reduces to AUTO_REDUCE_DIM when the LLM is
+    wider and n_vectors (the serve users and items the PCA is fitted on) are enough for it."""
+    if requested != AUTO:
+        return requested, "as given"
+    if latest is not None:
+        dim = latest.space.dim if latest.space.reducer_sha256 is not None else None
+        return dim, f"the space of version {latest.version}"
+    if raw_dim <= AUTO_REDUCE_DIM:
+        return None, f"the LLM's width {raw_dim} is at most {AUTO_REDUCE_DIM}"
+    if n_vectors < AUTO_MIN_VECTORS_PER_DIM * AUTO_REDUCE_DIM:
+        return None, (
+            f"{n_vectors} user and item vectors are too few to fit a {AUTO_REDUCE_DIM}-d PCA on "
+            f"(at least {AUTO_MIN_VECTORS_PER_DIM * AUTO_REDUCE_DIM})"
+        )
+    return AUTO_REDUCE_DIM, f"a new space: the LLM's width {raw_dim} reduced, fitted on {n_vectors} vectors"
 
 
-def _find_parent(root: Path, space_key: SpaceKey, generation: dict) -> KnowledgeSnapshot | None:
+@dataclass(frozen=True)
+class ParentUse:
+    """What a build takes from the previous version: its vectors (None: nothing) and whether they are raw."""
+
+    parent: KnowledgeSnapshot | None = None
+    # Copy the parent's reducer instead of fitting one (same space, same --reduce-dim).
+    reuse_reducer: bool = False
+    # The parent stores the LLM's own vectors and this build fits a reducer: reused vectors go through it too.
+    reduce_reused: bool = False
+
+
+def _usable_parent(latest: KnowledgeSnapshot | None, config: KnowledgeConfig, generation: dict) -> ParentUse:
+    """The previous version whose vectors this build may reuse, and how."""
+    if latest is None or not config.incremental:
+        return ParentUse()
+    if latest.manifest.extra.get("generation") != generation:
+        log.info("previous version %s used other generation settings: full build", latest.version)
+        return ParentUse()
+    raw_parent = latest.space.reducer_sha256 is None
+    if config.reduce_dim is None:
+        if raw_parent:
+            return ParentUse(latest)
+        log.info("previous version %s is reduced and this build is not: full build", latest.version)
+        return ParentUse()
+    if raw_parent:
+        log.info("previous version %s holds the LLM's own vectors: reused through the new reducer", latest.version)
+        return ParentUse(latest, reduce_reused=True)
+    if not config.new_space and latest.space.dim == config.reduce_dim and (latest.path / REDUCER_FILE).exists():
+        return ParentUse(latest, reuse_reducer=True)
+    log.info("previous version %s has another reducer: full build", latest.version)
+    return ParentUse()
+
+
+def _latest_in_space(root: Path, space_key: SpaceKey) -> KnowledgeSnapshot | None:
+    """The root's latest version when it was built with the same LLM, prompts, pooling, mode and max length."""
     if not (root / LATEST).exists():
         return None
     try:
-        parent = KnowledgeSnapshot(root)
+        latest = KnowledgeSnapshot(root)
     except UserFacingError:
         return None
-    s = parent.space
+    s = latest.space
     if (s.model, s.template_sha256, s.pooling, s.mode, s.max_length) != (
         space_key.model,
         space_key.template_sha256,
@@ -236,12 +279,9 @@ def _find_parent(root: Path, space_key: SpaceKey, generation: dict) -> Knowledge
         space_key.mode,
         space_key.max_length,
     ):
-        log.info("previous version %s is in another knowledge space: full build", parent.version)
+        log.info("previous version %s is in another knowledge space: full build", latest.version)
         return None
-    if parent.manifest.extra.get("generation") != generation:
-        log.info("previous version %s used other generation settings: full build", parent.version)
-        return None
-    return parent
+    return latest
 
 
 def _table_work(table: str, texts: dict[str, str], generate: bool, parent: KnowledgeSnapshot | None) -> TableWork:

@@ -69,9 +69,10 @@ class Reduction:
 
 
 def reduce_step(plan: BuildPlan, computed: RawVectors) -> Reduction:
-    """Copies the parent's reducer (same space) or fits a new one on the computed user and item vectors, into the
-    version folder; the space records its hash and dimension. The fit user vectors are left out of the fit (the
-    space does not depend on --fit-share) and reduced with the same reducer when written."""
+    """Copies the parent's reducer (same space) or fits a new one on the serve user and item vectors (computed, and
+    reused ones when they are the LLM's own), into the version folder; the space records its hash and dimension.
+    The fit user vectors are left out of the fit (the space does not depend on --fit-share) and reduced with the
+    same reducer when written."""
     config = plan.config
     reducer: Reducer | None = None
     dim = plan.raw_dim
@@ -82,12 +83,23 @@ def reduce_step(plan: BuildPlan, computed: RawVectors) -> Reduction:
             shutil.copyfile(plan.parent.path / REDUCER_FILE, path)
             reducer = load_reducer(path)
         else:
-            fit_on = np.concatenate(
-                [np.stack([v for _, v in computed[lvl].values()]) for lvl in ("user", "item") if computed[lvl]]
-            )
-            reducer = fit_pca(fit_on, config.reduce_dim)
+            reducer = fit_pca(_raw_serve_vectors(plan, computed), config.reduce_dim)
             save_reducer(path, *reducer)
         dim = config.reduce_dim
     red_sha = reducer_sha(*reducer) if reducer is not None else None
     space = KnowledgeSpace(raw_dim=plan.raw_dim, dim=dim, reducer_sha256=red_sha, **plan.space_key.to_dict())
     return Reduction(space, reducer)
+
+
+def _raw_serve_vectors(plan: BuildPlan, computed: RawVectors) -> np.ndarray:
+    """The user and item vectors a new reducer is fitted on, in id order: every row, computed or (from an
+    unreduced parent) reused."""
+    rows = []
+    for level in ("user", "item"):
+        work = plan.tables[level]
+        for id_ in work.ids:
+            if id_ in computed[level]:
+                rows.append(computed[level][id_][1])
+            elif plan.reduce_reused and id_ in work.reused:
+                rows.append(work.reused[id_][1])
+    return np.stack(rows)

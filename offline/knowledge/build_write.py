@@ -51,7 +51,7 @@ def write_tables(plan: BuildPlan, computed: RawVectors, reduction: Reduction) ->
     prompts file."""
     counts = {}
     for name, work in plan.tables.items():
-        table = _vector_table(work, computed[name], reduction)
+        table = _vector_table(work, computed[name], reduction, plan.reduce_reused)
         write_table(plan.version_dir / f"{stored_name(name)}.parquet", table)
         fresh = sum(1 for id_ in work.ids if id_ in computed[name])
         counts[name] = TableCounts(count=len(work.ids), computed=fresh, reused=len(work.reused))
@@ -101,22 +101,29 @@ def write_version(
     return manifest
 
 
-def _vector_table(work: TableWork, computed: dict[str, tuple[str, np.ndarray]], reduction: Reduction) -> KnowledgeTable:
+def _vector_table(
+    work: TableWork, computed: dict[str, tuple[str, np.ndarray]], reduction: Reduction, reduce_reused: bool
+) -> KnowledgeTable:
+    """The table's rows in id order: computed vectors reduced, reused ones as the parent stored them (reduced too
+    when they are the LLM's own and this build fits a reducer)."""
     emb = np.zeros((len(work.ids), reduction.space.dim), dtype=np.float32)
-    fresh_ids = [i for i in work.ids if i in computed]
-    fresh = {}
-    if fresh_ids:
-        vectors = reduction.apply(np.stack([computed[i][1] for i in fresh_ids]))
-        fresh = dict(zip(fresh_ids, vectors, strict=True))
     responses = []
+    raw_rows, raw_positions = [], []
     for j, id_ in enumerate(work.ids):
-        if id_ in fresh:
-            emb[j] = fresh[id_]
-            responses.append(computed[id_][0])
+        if id_ in computed:
+            response, vector = computed[id_]
+            raw = True
         else:
-            resp, vec = work.reused[id_]
-            emb[j] = vec
-            responses.append(resp)
+            response, vector = work.reused[id_]
+            raw = reduce_reused
+        responses.append(response)
+        if raw:
+            raw_rows.append(vector)
+            raw_positions.append(j)
+        else:
+            emb[j] = vector
+    if raw_rows:
+        emb[raw_positions] = reduction.apply(np.stack(raw_rows))
     return KnowledgeTable(work.ids, emb, work.hashes, responses)
 
 

@@ -37,6 +37,8 @@ class Option:
     choices: Sequence[str] | Callable[[], Sequence[str]] | None = None
     # Not on the command line: the field keeps its default.
     hidden: bool = False
+    # Parses the option's text when the field's type cannot (a union such as `int | str | None`).
+    parse: Callable[[str], Any] | None = None
 
 
 def cli(
@@ -44,9 +46,10 @@ def cli(
     flag: str | None = None,
     choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
     hidden: bool = False,
+    parse: Callable[[str], Any] | None = None,
 ) -> dict[str, Option]:
     """The metadata of a dataclass field: `field(default=..., metadata=cli(help=...))`."""
-    return {METADATA_KEY: Option(help=help, flag=flag, choices=choices, hidden=hidden)}
+    return {METADATA_KEY: Option(help=help, flag=flag, choices=choices, hidden=hidden, parse=parse)}
 
 
 @dataclass(frozen=True)
@@ -162,5 +165,5 @@ def _argparse_kwargs(fo: FieldOption, default: Any) -> dict[str, Any]:
     choices = fo.option.choices
     if choices is not None:
         kwargs["choices"] = list(choices() if callable(choices) else choices)
-    kwargs["type"] = fo.value_type
+    kwargs["type"] = fo.option.parse or fo.value_type
     return kwargs
