@@ -1,5 +1,6 @@
 """Calibration: expected calibration error and reliability bins (offline/training/metrics.py) on known answers, and
-their place in evaluate's metrics and in the compare report (table + reliability plot)."""
+their place in evaluate's metrics and in the compare report (table + reliability plot); Platt scaling fitted on
+validation after training (offline/training/calibration.py), kept by the artifact."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from offline.training.metrics import (
     CALIBRATION_BINS,
     calibration_error,
     expected_calibration_error,
+    logloss,
     reliability,
     summarize,
 )
 from shared.dataset.folder import read_dataset
-from tests.fixtures_models import write_planted_snapshot
+from tests.fixtures_models import tiny_train_config, write_planted_snapshot
 
 
 def test_ece_known_answers():
@@ -77,3 +79,50 @@ def test_compare_report_has_calibration_table_and_reliability_plot(synth_dir, tm
         assert calibration_error(bins) == pytest.approx(ece, abs=1e-6)
         row = next(x for x in section.splitlines() if x.startswith(row_start))
         assert row.split(" | ")[3] == f"{ece:.4f}"  # backbone, variant, seeds, then overall
+
+
+def test_platt_scaling_recovers_a_known_map():
+    from offline.training.calibration import fit_platt
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, 40_000)
+    labels = rng.random(len(logits)) < 1 / (1 + np.exp(-(0.5 * logits - 1.0)))  # true map: 0.5 * logit - 1
+    fitted = fit_platt(logits, labels)
+    assert fitted.scale == pytest.approx(0.5, abs=0.03) and fitted.bias == pytest.approx(-1.0, abs=0.05)
+    assert fitted.valid_logloss_after < fitted.valid_logloss_before
+    assert fit_platt(logits, np.zeros(len(logits))) is None  # one class: undefined
+    assert fit_platt(np.array([0.1, np.nan]), np.array([0, 1])) is None
+
+
+def test_training_calibrates_on_validation_keeps_the_ranking_and_the_artifact_keeps_it(synth_dir, tmp_path):
+    from offline.training.trainer import train
+    from shared.artifact import load_artifact, save_artifact
+    from shared.knowledge.snapshot import KnowledgeSnapshot
+    from shared.scoring import RequestScorer, SnapshotLookup
+
+    dataset = read_dataset(synth_dir)
+    split = make_split(dataset, SplitConfig())
+    snap = KnowledgeSnapshot(write_planted_snapshot(dataset, split, tmp_path / "kn"))
+    runs = {
+        calibrate: train(
+            dataset,
+            split,
+            snap,
+            tiny_train_config(levels=["scenario", "user", "item"], epochs=6, lr=1e-2, calibrate=calibrate),
+        )
+        for calibrate in (False, True)
+    }
+    raw, calibrated = runs[False].metrics, runs[True].metrics
+    scale, bias = runs[True].model.config.calibration
+    assert runs[False].model.config.calibration == (1.0, 0.0) and scale > 0 and (scale, bias) != (1.0, 0.0)
+    for name in ("valid", "test"):  # the same weights, mapped monotonically: the same ranking
+        assert calibrated[name]["overall"]["auc"] == pytest.approx(raw[name]["overall"]["auc"], abs=1e-4)
+    assert calibrated["valid"]["overall"]["logloss"] < raw["valid"]["overall"]["logloss"]
+    path = save_artifact(tmp_path / "model", runs[True].model, runs[True].encoder, runs[True].artifact_fields(split))
+    artifact = load_artifact(path)
+    assert artifact.config.model.calibration == (scale, bias)
+    assert artifact.config.train["calibration"]["scale"] == pytest.approx(scale, abs=1e-6)
+    scores = RequestScorer(artifact).score_rows(split.test, SnapshotLookup(snap))
+    assert logloss(split.test["label"].to_numpy(), scores) == pytest.approx(
+        calibrated["test"]["overall"]["logloss"], abs=1e-5
+    )

@@ -367,7 +367,7 @@ def test_cli_build_and_show_with_smollm2(tmp_path):
 def test_reduced_build_reuses_an_unreduced_parents_llm_vectors(synth_dir, tiny_model, tmp_path):  # noqa: F811
     """Moving a root to a reduced space costs no LLM work: the parent's own vectors go through the new reducer, and
     the result equals a full reduced build."""
-    from offline.knowledge.build_reduce import apply_reducer, load_reducer
+    from offline.knowledge.build_reduce import apply_reducer
 
     raw = run_build(knowledge_config(synth_dir, tmp_path / "kn", tiny_model, reduce_dim=None))
     assert raw.manifest.space.reducer_sha256 is None and raw.manifest.space.dim == 32
@@ -375,7 +375,7 @@ def test_reduced_build_reuses_an_unreduced_parents_llm_vectors(synth_dir, tiny_m
     m = reduced.manifest
     assert m.parent_version == raw.manifest.version and m.space.dim == 8 and m.space.reducer_sha256
     assert all(m.computed[level] == 0 for level in ("scenario", "user", "item"))
-    mean, comps = load_reducer(reduced.path / "reducer.safetensors")
+    mean, comps = KnowledgeSnapshot(reduced.path).reducer()
     before, after = KnowledgeSnapshot(raw.path), KnowledgeSnapshot(reduced.path)
     for table in ("scenario", "user", "item", USER_FIT):
         assert after.table(table).ids == before.table(table).ids

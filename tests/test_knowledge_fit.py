@@ -189,7 +189,7 @@ def test_generate_mode_answers_the_fit_prompts(synth_dir, tiny_model, tmp_path):
     assert fit.dim == snap.users().dim == 8  # reduced with the build's reducer
     assert {"user_fit_generate_per_s", "user_fit_embed_per_s"} <= set(snap.manifest.extra["rates"])
     # What was embedded is the fit prompt followed by its answer, reduced like every other vector.
-    from offline.knowledge.build_reduce import apply_reducer, load_reducer
+    from offline.knowledge.build_reduce import apply_reducer
 
     prompts = _prompts(result.path, USER_FIT)
     users = fit.ids[:3]
@@ -200,7 +200,7 @@ def test_generate_mode_answers_the_fit_prompts(synth_dir, tiny_model, tmp_path):
     finally:
         backend.close()
     assert answers == [fit.response_of(u) for u in users]
-    reduced = apply_reducer(raw, *load_reducer(result.path / "reducer.safetensors"))
+    reduced = apply_reducer(raw, *KnowledgeSnapshot(result.path).reducer())
     assert np.allclose(reduced, fit.lookup(users)[0], atol=1e-4)
 
     show = subprocess.run(

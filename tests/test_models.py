@@ -277,3 +277,34 @@ def test_module_apply_reaches_every_meta_layer():
     assert model.apply(zero_linear) is model
     assert visited.count(LowRankMetaLayer) == 2  # the scenario- and user-level meta layers
     assert all(int(torch.count_nonzero(layer.u.weight)) == 0 for layer in model.wrapper.meta)
+
+
+def test_reduction_reads_a_reduced_knowledge_space_as_the_llm_vectors():
+    """A model trained on a reduced space (the build's PCA) fits its own reduction through that PCA: it then maps
+    each vector as it maps the LLM's vector. Standardizing the space's decorrelated components directly whitens
+    them, and its PCA then keeps other directions."""
+    from offline.knowledge.build_reduce import apply_reducer, fit_pca
+
+    gen = torch.Generator().manual_seed(0)
+    # LLM-like vectors: correlated dimensions of very different scales, one with a large constant offset.
+    raw = (torch.randn(600, 40, generator=gen) @ torch.randn(40, 40, generator=gen)) * torch.linspace(0.2, 5, 40)
+    raw[:, 3] += 30.0
+    mean, comps = fit_pca(raw.numpy(), 40)  # a full-rank space: mapping back is exact
+    stored = torch.from_numpy(apply_reducer(raw.numpy(), mean, comps))
+
+    def reduced(sample: torch.Tensor, dim: int, space_reducer=None) -> torch.Tensor:
+        cfg = LLM4MSRConfig(levels=["item"], knowledge_dim=dim, reduce_dim=8)
+        model = CTRModel(
+            ModelConfig(fields=[("user_id", 5), ("item_id", 5), ("scenario", 2)], n_scenarios=1, llm4msr=cfg)
+        )
+        model.wrapper.fit_reduction("item", sample, space_reducer)
+        return model.wrapper.reduce("item", sample)
+
+    def gram(x: torch.Tensor) -> torch.Tensor:  # invariant to the components' signs
+        return x[:50] @ x[:50].T
+
+    in_llm_space = reduced(raw, 40)
+    through = reduced(stored, 40, (torch.from_numpy(mean), torch.from_numpy(comps)))
+    torch.testing.assert_close(gram(through), gram(in_llm_space), atol=1e-3 * gram(in_llm_space).abs().max(), rtol=0)
+    naive = reduced(stored, 40)
+    assert (gram(naive) - gram(in_llm_space)).abs().max() > 0.1 * gram(in_llm_space).abs().max()

@@ -22,11 +22,9 @@ from offline.knowledge.build_shards import BUILD_KEY_FILE, WORK
 from shared.dataset.folder import Dataset, read_dataset
 from shared.errors import UserFacingError
 from shared.knowledge.levels import META_LEVELS
-from shared.knowledge.snapshot import LATEST, MANIFEST, TABLES, USER_FIT, KnowledgeSnapshot
+from shared.knowledge.snapshot import LATEST, MANIFEST, REDUCER_FILE, TABLES, USER_FIT, KnowledgeSnapshot
 
 log = logging.getLogger(__name__)
-
-REDUCER_FILE = "reducer.safetensors"
 
 # table (a level or USER_FIT) -> id -> (the LLM's answer, "" in encode mode; the raw pooled vector): what the
 # phases computed.

@@ -12,7 +12,7 @@ import numpy as np
 
 from offline.knowledge.build_plan import REDUCER_FILE, BuildPlan, RawVectors
 from shared.errors import UserFacingError
-from shared.knowledge.snapshot import KnowledgeSpace
+from shared.knowledge.snapshot import KnowledgeSpace, read_reducer
 
 Reducer = tuple[np.ndarray, np.ndarray]  # (mean [raw], components [dim, raw])
 
@@ -37,13 +37,6 @@ def save_reducer(path: Path, mean: np.ndarray, comps: np.ndarray) -> str:
 
     save_file({"mean": mean, "components": comps}, str(path))
     return reducer_sha(mean, comps)
-
-
-def load_reducer(path: Path) -> Reducer:
-    from safetensors.numpy import load_file
-
-    t = load_file(str(path))
-    return t["mean"], t["components"]
 
 
 def reducer_sha(mean: np.ndarray, comps: np.ndarray) -> str:
@@ -81,7 +74,7 @@ def reduce_step(plan: BuildPlan, computed: RawVectors) -> Reduction:
         if plan.reuse_reducer:
             assert plan.parent is not None
             shutil.copyfile(plan.parent.path / REDUCER_FILE, path)
-            reducer = load_reducer(path)
+            reducer = read_reducer(path)
         else:
             reducer = fit_pca(_raw_serve_vectors(plan, computed), config.reduce_dim)
             save_reducer(path, *reducer)

@@ -22,12 +22,13 @@ from shared.models.llm4msr_config import ABSENT_MEANS, LLM4MSRConfig
 DEFAULT_EARLY_ROWS = "default_user"
 # Flat fields newer than the first artifacts and compare runs, with the value their absence means in a stored
 # config: the training of that time (ungated wrapper, user vectors from the full train history, fixed levels;
-# early_rows has no effect under full-history, so its default stands for any value).
+# early_rows has no effect under full-history, so its default stands for any value; raw, uncalibrated scores).
 ABSENT_IN_STORED: dict[str, Any] = {
     **ABSENT_MEANS,
     "user_knowledge": "full-history",
     "early_rows": DEFAULT_EARLY_ROWS,
     "levels_auto": False,
+    "calibrate": False,
 }
 
 
@@ -73,6 +74,11 @@ class TrainConfig:
             "help": "torch threads; the same seed and thread count give a byte-identical model (recorded in the "
             "artifact)"
         },
+    )
+    # Platt scaling on the validation rows after training (offline/training/calibration.py): scores usable as
+    # probabilities, rankings unchanged.
+    calibrate: bool = field(
+        default=True, metadata={"help": "keep the raw scores: no Platt scaling fitted on the validation rows"}
     )
     eval_batch_size: int = field(default=8192, metadata={"cli": False})
     progress: bool = field(default=True, metadata={"help": "no progress bar"})

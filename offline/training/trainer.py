@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from offline.data.split import Split
 from offline.training.auto_levels import LevelSelection, train_auto
+from offline.training.calibration import Calibration, fit_platt
 from offline.training.config import TrainConfig
 from offline.training.leakage import UserProtocol, check_knowledge_inputs, protocol_train_rows
 from offline.training.metrics import summarize
@@ -108,10 +109,13 @@ class KnowledgeTables:
         }
 
     def fit_and_reduce(self, model: CTRModel) -> None:
-        """Fits the model's frozen reduction on the snapshot, then replaces the tables by their reduced form, so
-        that training gathers small vectors (the same function the serving path applies per request)."""
+        """Fits the model's frozen reduction on the snapshot (through the space's own PCA when it has one), then
+        replaces the tables by their reduced form, so that training gathers small vectors (the same function the
+        serving path applies per request)."""
+        reducer = self.snapshot.reducer()
+        space_reducer = tuple(torch.from_numpy(t) for t in reducer) if reducer is not None else None
         for level, sample in self.samples.items():
-            model.wrapper.fit_reduction(level, sample)
+            model.wrapper.fit_reduction(level, sample, space_reducer)
         with torch.no_grad():
             self.tables = {lv: model.wrapper.reduce(lv, t).contiguous() for lv, t in self.tables.items()}
         self.reduced = True
@@ -217,15 +221,18 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.inference_mode()
-def predict(model: CTRModel, tables: KnowledgeTables | None, data: Arrays, batch_size: int) -> np.ndarray:
+def predict(
+    model: CTRModel, tables: KnowledgeTables | None, data: Arrays, batch_size: int, logits: bool = False
+) -> np.ndarray:
+    """Probabilities (or, with logits=True, the logits) of every row of data."""
     model.eval()
     out = np.zeros(len(data), dtype=np.float32)
     for start in range(0, len(data), batch_size):
         idx = slice(start, min(start + batch_size, len(data)))
-        logits = model(
+        raw = model(
             data.rows("fields", idx), data.rows("scenario", idx), batch_knowledge(tables, data, idx), _reduced(tables)
         )
-        out[idx] = torch.sigmoid(logits).numpy()
+        out[idx] = (raw if logits else torch.sigmoid(raw)).numpy()
     return out
 
 
@@ -253,6 +260,7 @@ class TrainResult:
     runtime: dict = field(default_factory=dict)  # runtime_info() at training time
     user_protocol: UserProtocol | None = None  # how the user level met the train rows
     level_selection: LevelSelection | None = None  # --levels auto: the choice and every candidate's numbers
+    calibration: Calibration | None = None  # the Platt scaling fitted on validation (None: raw scores)
 
     def artifact_fields(self, split: Split) -> dict:
         """The ArtifactConfig fields that training knows."""
@@ -275,6 +283,7 @@ class TrainResult:
                 "history": self.history,
                 **({"user_protocol": self.user_protocol.to_dict()} if self.user_protocol else {}),
                 **({"level_selection": self.level_selection.to_dict()} if self.level_selection else {}),
+                **({"calibration": self.calibration.to_dict()} if self.calibration else {}),
             },
             "metrics": self.metrics,
             "data_fingerprint": split.dataset_fingerprint,
@@ -480,6 +489,7 @@ def _train(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, c
     stopping = EarlyStopping(early_stopping_metric(prepared.data["valid"]), cfg.patience)
     history = fit(prepared, cfg, stopping)
     data = prepared.data
+    calibration = calibrate(prepared, cfg) if cfg.calibrate else None
     metrics = {
         name: summarize(data[name].frame, predict(prepared.model, prepared.tables, data[name], cfg.eval_batch_size))
         for name in ("valid", "test")
@@ -497,4 +507,24 @@ def _train(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, c
         early_stopping=stopping.metric,
         runtime=runtime_info(),
         user_protocol=prepared.protocol,
+        calibration=calibration,
     )
+
+
+def calibrate(prepared: Prepared, cfg: TrainConfig) -> Calibration | None:
+    """Fits Platt scaling on the validation rows and sets it in the model (logged either way)."""
+    valid = prepared.data["valid"]
+    logits = predict(prepared.model, prepared.tables, valid, cfg.eval_batch_size, logits=True)
+    fitted = fit_platt(logits, valid.label.numpy())
+    if fitted is None:
+        log.info("calibration: none (undefined on these validation rows: one class, or scores not finite)")
+        return None
+    prepared.model.set_calibration(fitted.scale, fitted.bias)
+    log.info(
+        "calibration on validation: scale %.3f bias %+.3f (valid logloss %.4f -> %.4f)",
+        fitted.scale,
+        fitted.bias,
+        fitted.valid_logloss_before,
+        fitted.valid_logloss_after,
+    )
+    return fitted

@@ -33,6 +33,9 @@ MANIFEST = "manifest.json"
 LATEST = "LATEST"
 DEFAULTS = "defaults"
 DEFAULT_USER_ID = "user"
+# The PCA of a reduced knowledge space: safetensors with "mean" [raw_dim] and "components" [dim, raw_dim]; stored
+# = (llm_vector - mean) @ components.T.
+REDUCER_FILE = "reducer.safetensors"
 # The table of "fit" user vectors (the user level's prompts from the early train history only): a table beside the
 # levels, not a level of its own; KnowledgeSnapshot.table(USER_FIT) reads it.
 USER_FIT = "user_fit"
@@ -332,9 +335,26 @@ class KnowledgeSnapshot:
     def fit_users(self) -> KnowledgeTable:
         return self.table(USER_FIT)
 
+    def reducer(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(mean [raw_dim], components [dim, raw_dim]) of the space's PCA, or None when vectors are the LLM's own."""
+        if self.space.reducer_sha256 is None:
+            return None
+        file = self.path / REDUCER_FILE
+        if not file.exists():
+            raise UserFacingError(f"snapshot {self.path} is in a reduced knowledge space but has no {REDUCER_FILE}")
+        return read_reducer(file)
+
     def default_user(self) -> np.ndarray:
         defaults = self.table(DEFAULTS)
         vec, found = defaults.lookup([DEFAULT_USER_ID])
         if not found[0]:
             raise UserFacingError(f"snapshot {self.path} has no default user vector")
         return vec[0]
+
+
+def read_reducer(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, components) from a REDUCER_FILE."""
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(path))
+    return tensors["mean"], tensors["components"]

@@ -23,6 +23,9 @@ class ModelConfig(BaseModel):
     backbone: str = "star"
     backbone_params: dict = {}
     llm4msr: LLM4MSRConfig | None = None
+    # (a, b): the score is sigmoid(a * logit + b), Platt scaling fitted on validation after training
+    # (offline/training/calibration.py); (1, 0) = the raw logit, as in models trained before it existed.
+    calibration: tuple[float, float] = (1.0, 0.0)
 
 
 class CTRModel(nn.Module):
@@ -43,6 +46,16 @@ class CTRModel(nn.Module):
             self.wrapper = LLM4MSR(config.llm4msr, x_dim, config.n_scenarios, field_sizes[USER], field_sizes[ITEM])
             x_dim = self.wrapper.x_dim
         self.backbone = build_backbone(config.backbone, config.backbone_params, x_dim, config.n_scenarios)
+        self._calibration: tuple[float, float] | None = None
+        self.set_calibration(*config.calibration)
+
+    def set_calibration(self, scale: float, bias: float) -> None:
+        """Maps every logit to scale * logit + bias from now on (scale > 0: the ranking is unchanged); recorded in
+        the config, so a saved artifact keeps it."""
+        if not scale > 0:
+            raise ValueError(f"calibration scale must be positive, got {scale}")
+        self.config = self.config.model_copy(update={"calibration": (float(scale), float(bias))})
+        self._calibration = None if (scale, bias) == (1.0, 0.0) else (float(scale), float(bias))
 
     @property
     def needs_levels(self) -> frozenset[str]:
@@ -84,4 +97,9 @@ class CTRModel(nn.Module):
 
     def _logit(self, x: torch.Tensor, scenario: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         logit = self.backbone(x, scenario)
-        return logit + z if z is not None else logit
+        if z is not None:
+            logit = logit + z
+        if self._calibration is not None:
+            scale, bias = self._calibration
+            logit = logit * scale + bias
+        return logit

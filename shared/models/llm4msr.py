@@ -180,10 +180,20 @@ class LLM4MSR(nn.Module):
         return {lv: float(stored.abs().mean()) * GATE_STEP_SCALE for lv, stored in self.gate.items()}
 
     @torch.no_grad()
-    def fit_reduction(self, level: str, sample: torch.Tensor) -> None:
+    def fit_reduction(
+        self, level: str, sample: torch.Tensor, space_reducer: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
         """Standardize per dimension, then PCA to reduced_dim, scaled so components have unit variance on
-        average (not whitened: noise directions are not amplified). sample = the snapshot's vectors."""
+        average (not whitened: noise directions are not amplified). sample = the snapshot's vectors.
+
+        space_reducer = (mean [raw], components [d, raw]) of a reduced knowledge space's own PCA: the reduction is
+        then fitted on the sample mapped back to the LLM's coordinates and folded into the space's, so that it
+        reads a reduced space as it reads the LLM's vectors. (Standardizing the space's components directly would
+        whiten them, decorrelated as they are, and leave the PCA no direction to prefer.)"""
         x = sample.double()
+        if space_reducer is not None:
+            space_mean, components = (t.double() for t in space_reducer)
+            x = x @ components + space_mean
         mean = x.mean(0)
         scale = 1.0 / x.std(0).clamp_min(1e-6)
         z = (x - mean) * scale
@@ -191,6 +201,10 @@ class LLM4MSR(nn.Module):
         evals, evecs = torch.linalg.eigh(cov)
         top = torch.argsort(evals, descending=True)[: self.reduced_dim]
         basis = scale[:, None] * evecs[:, top] / evals[top].clamp_min(1e-12).mean().sqrt()
+        if space_reducer is not None:
+            # ((s C + m_space) - mean) @ basis == (s - mean_s) @ (C @ basis), since mean = mean_s C + m_space.
+            basis = components @ basis
+            mean = sample.double().mean(0)
         getattr(self, f"mean_{level}").copy_(mean.float())
         getattr(self, f"basis_{level}").copy_(basis.float())
 
