@@ -37,6 +37,7 @@ TRAINING_FLAGS = ConfigFlags(
         "knowledge_dropout",
         "user_knowledge",
         "early_rows",
+        "calibrate",
         "threads",
         "progress",
     ),

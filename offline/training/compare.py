@@ -476,7 +476,7 @@ def _settings_line(runs: list[dict]) -> str:
     """The shared wrapper and protocol settings (a variant may set its own, as its name says)."""
     config = next((r["config"] for r in runs if r["variant"] == "plain"), runs[0]["config"])
     config = fill_absent(config)
-    keys = ("gate", "knowledge_dropout", "user_knowledge", "early_rows", "reduce_dim", "placement")
+    keys = ("gate", "knowledge_dropout", "user_knowledge", "early_rows", "reduce_dim", "placement", "calibrate")
     return "Settings unless the variant says otherwise: " + ", ".join(f"{k} {config.get(k)}" for k in keys) + "."
 
 
