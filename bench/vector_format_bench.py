@@ -89,18 +89,28 @@ def reduced(snapshot_dir: Path, dim: int, work: Path) -> Path:
     and applied to all of them (a new knowledge space: the model is trained on it)."""
     import dataclasses
 
-    from offline.knowledge.build_reduce import apply_reducer, fit_pca, reducer_sha
-    from shared.knowledge.snapshot import DEFAULTS, KnowledgeTable, write_manifest, write_table
+    from offline.knowledge.build_reduce import apply_reducer, fit_pca, save_reducer
+    from shared.knowledge.snapshot import (
+        DEFAULTS,
+        REDUCER_FILE,
+        USER_FIT,
+        KnowledgeTable,
+        stored_name,
+        write_manifest,
+        write_table,
+    )
 
     snap = KnowledgeSnapshot(snapshot_dir)
     mean, comps = fit_pca(np.concatenate([snap.table(level).embeddings for level in LEVELS]), dim)
     out = work / f"knowledge-r{dim}" / snap.version
     out.mkdir(parents=True)
-    for table_name, level in (("scenarios", "scenario"), ("users", "user"), ("items", "item"), (DEFAULTS, DEFAULTS)):
-        t = snap.table(level)
+    tables = [*LEVELS, DEFAULTS] + ([USER_FIT] if snap.has_fit_vectors else [])
+    for table in tables:
+        t = snap.table(table)
         emb = apply_reducer(t.embeddings, mean, comps).astype(np.float32)
-        write_table(out / f"{table_name}.parquet", KnowledgeTable(t.ids, emb, t.prompt_sha256, t.responses))
-    space = dataclasses.replace(snap.space, dim=dim, reducer_sha256=reducer_sha(mean, comps))
+        file = out / f"{stored_name(table)}.parquet"
+        write_table(file, KnowledgeTable(t.ids, emb, t.prompt_sha256, t.responses))
+    space = dataclasses.replace(snap.space, dim=dim, reducer_sha256=save_reducer(out / REDUCER_FILE, mean, comps))
     write_manifest(out, dataclasses.replace(snap.manifest, space=space))
     return out
 

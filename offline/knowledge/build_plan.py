@@ -66,8 +66,8 @@ class TableWork:
 
 @dataclass(frozen=True)
 class BuildPlan:
-    """Everything the later steps read: the settings (dtype and reduce dim resolved), the inputs' fingerprints, the rows to compute
-    or reuse per table, and the version folder."""
+    """Everything the later steps read: the settings (dtype and reduce dim resolved), the inputs' fingerprints, the
+    rows to compute or reuse per table, and the version folder."""
 
     config: KnowledgeConfig
     dtype: DtypeChoice
