@@ -529,6 +529,14 @@ def _plot_over_time(ax, cell: dict, name: str, color: str) -> None:
 # Runs
 
 
+# What a variant's suffix (llm4msr@inline) sets in its server's environment.
+VARIANT_ENV = {
+    "inline": {"LLM4MSR_RANK_EXECUTOR": "inline"},
+    "thread": {"LLM4MSR_RANK_EXECUTOR": "thread"},
+    "eager": {"LLM4MSR_TRACED_FORWARD": "false"},
+}
+
+
 def parse_cells(args: argparse.Namespace) -> list[tuple[int, int]]:
     """(candidates, clients) per cell: --cells 500x4,100x1, else every --candidates x --clients."""
     if args.cells:
@@ -633,7 +641,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--variants",
         default="plain,llm4msr,llm4msr-item",
         help="plain = STAR alone; llm4msr = STAR + scenario and user knowledge (the paper); llm4msr-item = + item level; "
-        "a suffix @inline or @thread serves that model with LLM4MSR_RANK_EXECUTOR set so (e.g. llm4msr,llm4msr@inline)",
+        "a suffix @inline or @thread serves that model with LLM4MSR_RANK_EXECUTOR set so (e.g. llm4msr,llm4msr@inline), "
+        "@eager with the eager forward instead of the traced graphs (LLM4MSR_TRACED_FORWARD=false)",
     )
     ap.add_argument("--users", type=int, default=300, help="synthetic world: users")
     ap.add_argument("--items-per-scenario", type=int, default=400, help="synthetic world: items per scenario")
@@ -671,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
         os.nice(args.nice)
     cells = parse_cells(args)
     variants = args.variants.split(",")
+    if unknown := {v.partition("@")[2] for v in variants} - {"", *VARIANT_ENV}:
+        raise SystemExit(f"unknown variant suffix(es) {sorted(unknown)}; expected one of {sorted(VARIANT_ENV)}")
     models = list(dict.fromkeys(v.split("@")[0] for v in variants))  # llm4msr@inline serves the llm4msr model
     worker_counts = [int(x) for x in args.workers.split(",")]
     work = Path(args.work or tempfile.mkdtemp(prefix="serve_bench_"))
@@ -693,8 +704,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = {"LLM4MSR_KNOWLEDGE_CACHE_DIR": str(work / "knowledge-cache")}  # memory-mapped copies stay in work
         for v in variants:
-            model, _, executor = v.partition("@")
-            server_env = {**env, "LLM4MSR_RANK_EXECUTOR": executor} if executor else env
+            model, _, suffix = v.partition("@")
+            server_env = {**env, **VARIANT_ENV[suffix]} if suffix else env
             for w in worker_counts:
                 log = work / f"server-{v}-w{w}.log"
                 kn = knowledge if model != "plain" else None

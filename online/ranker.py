@@ -59,7 +59,9 @@ class Ranker:
     _item_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def load(cls, artifact_dir: str | Path) -> Ranker:
+    def load(cls, artifact_dir: str | Path, traced: bool = True) -> Ranker:
+        """traced: requests run through TorchScript graphs of the forward, built and checked in warm_up (one per
+        scenario and knowledge layout; shared/request_graphs.py); False runs the eager forward."""
         from shared.artifact import load_artifact
         from shared.scoring import RequestScorer
 
@@ -67,7 +69,7 @@ class Ranker:
         if not path.exists():
             raise UserFacingError(f"model artifact not found: {path}")
         artifact = load_artifact(path)
-        scorer = RequestScorer(artifact)
+        scorer = RequestScorer(artifact, traced=traced)
         cfg = artifact.config
         needs = frozenset(scorer.needs_levels)
         space = getattr(cfg, "knowledge_space_id", None) if needs else None
@@ -83,13 +85,17 @@ class Ranker:
             feature_fields=tuple(scorer.encoder.extra_fields),
             _known_items=frozenset(vocab.tokens) if (vocab := scorer.encoder.vocabs.get("item_id")) else frozenset(),
         )
+        started = time.perf_counter()
         ranker.warm_up()
+        graphs = scorer.graphs.graphs if scorer.graphs is not None else {}
         log.info(
-            "loaded model %s (%s, levels %s) from %s",
+            "loaded model %s (%s, levels %s) from %s; forward %s, warm-up %.2f s",
             ranker.model_version,
             ranker.backbone,
             sorted(needs) or "none",
             path,
+            f"traced ({sum(graphs.values())} of {len(graphs)} graphs checked out)" if graphs else "eager",
+            time.perf_counter() - started,
         )
         return ranker
 
@@ -170,19 +176,26 @@ class Ranker:
         return table
 
     def warm_up(self) -> None:
-        """First forwards allocate and pick kernels; do that before the first real request."""
+        """First forwards allocate and pick kernels, and build the traced graph of every scenario and knowledge
+        layout (raw item vectors, or reduced rows from an in-memory catalogue); do that before the first request."""
         from shared.scoring import RequestKnowledge
 
         dim = self._knowledge_dim()
-        scenario = self.scenarios[0]
-        for n in (1, 100, 500):
-            ids = [f"__warmup_{i}" for i in range(n)]
-            kn = RequestKnowledge(
-                scenario_vec=np.zeros(dim, np.float32) if self.needs_scenario else None,
-                user_vec=np.zeros(dim, np.float32) if self.needs_user else None,
-                item_vecs=np.zeros((n, dim), np.float32) if self.needs_items else None,
-            )
-            self.score(scenario, "__warmup", ids, kn)
+        layouts = ["raw", "reduced"] if self.needs_items else ["raw"]
+        for k, scenario in enumerate(self.scenarios):
+            for n in (1, 100, 500) if k == 0 else (100,):
+                ids = [f"__warmup_{i}" for i in range(n)]
+                for layout in layouts:
+                    items = self.needs_items and layout == "raw"
+                    kn = RequestKnowledge(
+                        scenario_vec=np.zeros(dim, np.float32) if self.needs_scenario else None,
+                        user_vec=np.zeros(dim, np.float32) if self.needs_user else None,
+                        item_vecs=np.zeros((n, dim), np.float32) if items else None,
+                        item_reduced=np.zeros((n, self.scorer.reduced_dim), np.float32)
+                        if layout == "reduced"
+                        else None,
+                    )
+                    self.score(scenario, "__warmup", ids, kn)
 
     def _knowledge_dim(self) -> int:
         cfg = self.artifact.config

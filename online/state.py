@@ -108,7 +108,9 @@ def load_state(settings: ServeSettings) -> ServingState:
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     run_dir = RunDir(settings.run_dir) if settings.run_dir else None
     order = run_dir.read_order() if run_dir is not None else None
-    ranker = Ranker.load(order.artifact if order is not None and order.artifact else settings.artifact)
+    ranker = Ranker.load(
+        order.artifact if order is not None and order.artifact else settings.artifact, traced=settings.traced_forward
+    )
     check_field_limit(ranker, settings)
     store = build_store(settings, ranker)
     state = ServingState(settings, ServingMetrics(), ranker, store, run_dir, order.generation if order else 0)
@@ -145,7 +147,7 @@ def reload_model(state: ServingState, artifact: str, generation: int | None = No
     with state.reload_lock:
         if generation is not None and generation <= state.generation:
             return  # applied already (this worker wrote the order)
-        new = Ranker.load(artifact)
+        new = Ranker.load(artifact, traced=state.settings.traced_forward)
         check_field_limit(new, state.settings)
         if new.uses_knowledge and state.store is None:
             raise UserFacingError("the new model needs knowledge but the service was started without any")

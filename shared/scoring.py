@@ -19,6 +19,7 @@ import torch
 from shared.artifact import Artifact, check_knowledge_space
 from shared.errors import UserFacingError
 from shared.knowledge.snapshot import KnowledgeSnapshot
+from shared.request_graphs import RequestGraphs
 
 
 @dataclass
@@ -66,9 +67,13 @@ class SnapshotLookup:
 
 
 class RequestScorer:
-    """Scores candidates with an artifact's model; thread-safe for concurrent score() calls (no state)."""
+    """Scores candidates with an artifact's model; thread-safe for concurrent score() calls.
 
-    def __init__(self, artifact: Artifact):
+    traced=True runs score() through TorchScript graphs of the request forward (shared/request_graphs.py), each
+    checked against the eager forward before use; the model is then frozen (no gradients) for good.
+    """
+
+    def __init__(self, artifact: Artifact, traced: bool = False):
         self.artifact = artifact
         self.model = artifact.model.eval()
         self.encoder = artifact.encoder
@@ -78,6 +83,23 @@ class RequestScorer:
         self.reduced_dim = wrapper.reduced_dim if wrapper is not None else None
         # The artifact's weights never change after loading: fold the wrapper once for one-request scoring.
         self.request_path = wrapper.fold_for_requests() if wrapper is not None else None
+        self.graphs: RequestGraphs | None = None
+        if traced:
+            self.model.requires_grad_(False)  # a traced graph holds the weights as constants
+            self.graphs = RequestGraphs(self._forward)
+
+    def _forward(
+        self,
+        fields: torch.Tensor,
+        scenario: torch.Tensor,
+        knowledge: dict[str, torch.Tensor | None],
+        item_reduced: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The eager forward of one request: the folded wrapper, or the model itself when nothing is folded (no LLM
+        knowledge: the plain backbone, the id/random controls)."""
+        if self.request_path is not None:
+            return self.model.forward_request(fields, scenario, self.request_path, knowledge, item_reduced)
+        return self.model(fields, scenario, knowledge)
 
     @torch.inference_mode()
     def reduce_items(self, item_vecs: np.ndarray, batch_size: int = 8192) -> np.ndarray:
@@ -134,11 +156,8 @@ class RequestScorer:
             "user": self._vector("user", knowledge.user_vec, None),
             "item": None if item_reduced is not None else self._vector("item", knowledge.item_vecs, n),
         }
-        fields_t, scen_t = torch.from_numpy(fields), torch.from_numpy(scen)
-        if self.request_path is not None:
-            logits = self.model.forward_request(fields_t, scen_t, self.request_path, kn, item_reduced)
-        else:  # no LLM knowledge (plain backbone, id/random controls): nothing to fold
-            logits = self.model(fields_t, scen_t, kn)
+        forward = self.graphs or self._forward
+        logits = forward(torch.from_numpy(fields), torch.from_numpy(scen), kn, item_reduced)
         return torch.sigmoid(logits).numpy().astype(np.float32)
 
     @torch.inference_mode()
