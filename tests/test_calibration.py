@@ -91,6 +91,9 @@ def test_platt_scaling_recovers_a_known_map():
     assert fitted.scale == pytest.approx(0.5, abs=0.03) and fitted.bias == pytest.approx(-1.0, abs=0.05)
     assert fitted.valid_logloss_after < fitted.valid_logloss_before
     assert fit_platt(logits, np.zeros(len(logits))) is None  # one class: undefined
+    # A model that ranks backwards: the best positive scale is ~0, which would round every float32 score to the
+    # base rate and lose the ranking; it keeps its raw scores.
+    assert fit_platt(logits, ~labels) is None
     assert fit_platt(np.array([0.1, np.nan]), np.array([0, 1])) is None
 
 

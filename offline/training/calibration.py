@@ -17,6 +17,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.special import expit
+
+from offline.training.metrics import auc
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,8 @@ class Calibration:
 
 def fit_platt(logits: np.ndarray, labels: np.ndarray) -> Calibration | None:
     """(a, b) minimising the logloss of sigmoid(a * logit + b) on held-out rows, or None where it is undefined
-    (one class only, or scores that are not finite): the model then keeps its raw scores."""
+    (one class only, or scores that are not finite) or would change the float32 scores' ranking: the model then
+    keeps its raw scores."""
     y = np.asarray(labels, dtype=np.float64)
     x = np.asarray(logits, dtype=np.float64)
     if len(y) == 0 or y.min() == y.max() or not np.isfinite(x).all():
@@ -59,4 +63,15 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray) -> Calibration | None:
         after = float(F.binary_cross_entropy_with_logits(xt * scale + b, yt))
     if not (math.isfinite(scale) and math.isfinite(b)) or after > before:
         return None
+    if _ties_scores(x, y, scale, b):
+        return None
     return Calibration(scale, b, before, after)
+
+
+def _ties_scores(logits: np.ndarray, labels: np.ndarray, scale: float, bias: float) -> bool:
+    """Whether the map changes the validation AUC of the float32 scores the service returns. In exact arithmetic it
+    cannot, but a model that barely ranks gets a scale near 0 (its best calibration is the base rate), and float32
+    then rounds distinct scores to the same value: the ranking is lost. Such a model keeps its raw scores."""
+    raw = expit(logits.astype(np.float32))
+    mapped = expit((logits * scale + bias).astype(np.float32))
+    return abs(auc(labels, mapped) - auc(labels, raw)) > 1e-6

@@ -517,7 +517,9 @@ def calibrate(prepared: Prepared, cfg: TrainConfig) -> Calibration | None:
     logits = predict(prepared.model, prepared.tables, valid, cfg.eval_batch_size, logits=True)
     fitted = fit_platt(logits, valid.label.numpy())
     if fitted is None:
-        log.info("calibration: none (undefined on these validation rows: one class, or scores not finite)")
+        log.info(
+            "calibration: none (on these validation rows it is undefined, or it would tie float32 scores that differ)"
+        )
         return None
     prepared.model.set_calibration(fitted.scale, fitted.bias)
     log.info(
