@@ -6,6 +6,7 @@ started on the old model finishes on it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -180,22 +181,16 @@ class Ranker:
         layout (raw item vectors, or reduced rows from an in-memory catalogue); do that before the first request."""
         from shared.scoring import RequestKnowledge
 
-        dim = self._knowledge_dim()
-        layouts = ["raw", "reduced"] if self.needs_items else ["raw"]
-        for k, scenario in enumerate(self.scenarios):
-            for n in (1, 100, 500) if k == 0 else (100,):
-                ids = [f"__warmup_{i}" for i in range(n)]
-                for layout in layouts:
-                    items = self.needs_items and layout == "raw"
-                    kn = RequestKnowledge(
-                        scenario_vec=np.zeros(dim, np.float32) if self.needs_scenario else None,
-                        user_vec=np.zeros(dim, np.float32) if self.needs_user else None,
-                        item_vecs=np.zeros((n, dim), np.float32) if items else None,
-                        item_reduced=np.zeros((n, self.scorer.reduced_dim), np.float32)
-                        if layout == "reduced"
-                        else None,
-                    )
-                    self.score(scenario, "__warmup", ids, kn)
+        dim, reduced = self._knowledge_dim(), self.scorer.reduced_dim
+        calls = [(self.scenarios[0], n) for n in (1, 500)] + [(scenario, 100) for scenario in self.scenarios]
+        for (scenario, n), item_reduced in itertools.product(calls, (False, True) if self.needs_items else (False,)):
+            kn = RequestKnowledge(
+                scenario_vec=np.zeros(dim, np.float32) if self.needs_scenario else None,
+                user_vec=np.zeros(dim, np.float32) if self.needs_user else None,
+                item_vecs=np.zeros((n, dim), np.float32) if self.needs_items and not item_reduced else None,
+                item_reduced=np.zeros((n, reduced), np.float32) if item_reduced else None,
+            )
+            self.score(scenario, "__warmup", [f"__warmup_{i}" for i in range(n)], kn)
 
     def _knowledge_dim(self) -> int:
         cfg = self.artifact.config

@@ -23,8 +23,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# The optional tensors of a request, in the graphs' argument order.
+# The optional tensors of a request, in the graphs' argument order; the per-candidate ones have N rows, the others 1.
 OPTIONAL_INPUTS = ("scenario", "user", "item", "item_reduced")
+PER_CANDIDATE = ("item", "item_reduced")
 # Largest |traced - eager| / (1 + |eager|) logit accepted on the check inputs (the graphs run the eager ops
 # unoptimized: the difference is 0 on every backbone; the margin only allows for kernels that vary by call).
 CHECK_TOLERANCE = 1e-5
@@ -137,7 +138,7 @@ def _check_inputs(args: tuple[torch.Tensor, ...], present: tuple[str, ...]) -> l
     more = [fields[idx], scenario[idx]]
     for t, name in zip(tensors, present, strict=True):
         t = _rows(t, name, idx).clone()
-        if name in ("item", "item_reduced"):
+        if name in PER_CANDIDATE:
             t[-1] = float("nan")
         more.append(t)
     return [args, one, tuple(more)]
@@ -145,7 +146,7 @@ def _check_inputs(args: tuple[torch.Tensor, ...], present: tuple[str, ...]) -> l
 
 def _rows(t: torch.Tensor, name: str, rows: slice | torch.Tensor) -> torch.Tensor:
     """The candidate rows of a per-candidate input; request-wide ones ([1, d]) are passed unchanged."""
-    return t[rows] if name in ("item", "item_reduced") else t
+    return t[rows] if name in PER_CANDIDATE else t
 
 
 _MISSING = object()

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from offline.knowledge.build_plan import REDUCER_FILE, BuildPlan, RawVectors
+from offline.knowledge.build_plan import BuildPlan, RawVectors
 from shared.errors import UserFacingError
-from shared.knowledge.snapshot import KnowledgeSpace, read_reducer
+from shared.knowledge.snapshot import REDUCER_FILE, KnowledgeSpace, read_reducer
 
 Reducer = tuple[np.ndarray, np.ndarray]  # (mean [raw], components [dim, raw])
 
