@@ -1,8 +1,9 @@
 """The domain work of POST /rank: knowledge lookup, fallbacks, features and scoring of one typed query.
 
 A handler decodes the body into a RankQuery (online/codec.py), asks the service, and encodes its RankResult.
-Knowledge + forward run on the ranker's executor thread (blocking Redis I/O and torch stay off the event loop),
-each stage timed into llm4msr_rank_stage_seconds:
+Knowledge + forward run on the ranker's executor thread (blocking Redis I/O and torch stay off the event loop), or,
+for a small request whose knowledge is all in memory, right on the event loop (settings.rank_executor); each stage
+timed into llm4msr_rank_stage_seconds:
   knowledge  scenario/item vectors from memory, the user vector from the LRU or one Redis round trip
   forward    one batched forward of all candidates (meta layers generated once per request)
 Errors: an input problem is a 422; knowledge data that cannot feed the model (e.g. a vector of the wrong length)
@@ -52,9 +53,10 @@ class RankService:
         self.state.metrics.candidates.observe(len(query.item_ids))
         # Off the event loop, on the ranker's own small executor: measured with 4 clients x 500 candidates, a
         # dedicated 1-thread executor gave ~25% more throughput and a lower p99 than Starlette's shared anyio
-        # threadpool (fewer hand-overs, no contention between concurrent forwards on 2 cores).
+        # threadpool (fewer hand-overs, no contention between concurrent forwards on 2 cores). A small request
+        # whose knowledge is in memory is cheaper scored right here (settings.rank_executor).
         try:
-            if self.state.executor is None:
+            if self.runs_inline(query, ranker, kv):
                 return self.score(query, ranker, kv)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.state.executor, self.score, query, ranker, kv)
@@ -67,6 +69,16 @@ class RankService:
             ) from None
         except UserFacingError as exc:
             raise HTTPProblem(422, one_line(exc)) from None
+
+    def runs_inline(self, query: RankQuery, ranker: Ranker, kv: KnowledgeVersion | None) -> bool:
+        """Whether this query is scored on the event loop thread: always with "inline", never with "thread"; with
+        "auto" when it is small and no network read can block the loop."""
+        settings, store = self.state.settings, self.state.store
+        if self.state.executor is None or settings.rank_executor == "inline":
+            return True
+        if settings.rank_executor == "thread" or len(query.item_ids) > settings.inline_max_candidates:
+            return False
+        return kv is None or store is None or store.in_memory(kv, query.user_id, ranker.needs_user, ranker.needs_items)
 
     def _pair(self, ranker: Ranker) -> tuple[Ranker, KnowledgeVersion | None]:
         """The model with the knowledge it reads (None for a model without knowledge), of one knowledge space."""
@@ -84,7 +96,7 @@ class RankService:
         return ranker, kv
 
     def score(self, query: RankQuery, ranker: Ranker, kv: KnowledgeVersion | None) -> RankResult:
-        """knowledge + forward (on the executor thread); fallbacks are counted in the metrics here."""
+        """knowledge + forward (on the executor thread, or inline); fallbacks are counted in the metrics here."""
         metrics = self.state.metrics
         started = time.perf_counter()
         fallbacks: list[Fallback] = []

@@ -81,10 +81,14 @@ class ServeSettings(BaseSettings):
     # Threads of the ranker's executor (= concurrent forwards). On 2 cores one is best: the event loop parses and
     # encodes the next requests while it runs the forward; more only add GIL and cache contention.
     max_concurrent_forwards: int = Field(1, ge=1)
-    # "thread": knowledge + forward on the executor above, off the event loop (the design's rule: the loop stays
-    # free for health checks and parsing). "inline": on the event loop thread; no thread hand-over, measured ~20%
-    # more throughput on a busy 2-core box, at the price of blocking the loop for one forward (1-3 ms).
-    rank_executor: Literal["thread", "inline"] = "thread"
+    # Where knowledge + forward run. "thread": on the executor above, off the event loop. "inline": on the event
+    # loop thread, which spares the hand-over to the executor thread and back (~0.3-0.6 ms per request on a VM, where
+    # the idle thread's wake-up is slow) but blocks the loop for one forward. "auto": inline when the request has at
+    # most inline_max_candidates candidates and its knowledge is all in this process's memory (no Redis round trip
+    # can block the loop); on the executor otherwise.
+    rank_executor: Literal["auto", "thread", "inline"] = "auto"
+    # The largest request "auto" scores on the event loop: its forward takes a few ms at most on one CPU core.
+    inline_max_candidates: int = Field(500, ge=0)
     # The forward as TorchScript graphs (one per scenario and knowledge layout, checked against the eager forward
     # when the model loads): about half the forward time of a 100-candidate request. False: the eager forward.
     traced_forward: bool = True

@@ -114,7 +114,7 @@ def load_state(settings: ServeSettings) -> ServingState:
     check_field_limit(ranker, settings)
     store = build_store(settings, ranker)
     state = ServingState(settings, ServingMetrics(), ranker, store, run_dir, order.generation if order else 0)
-    if settings.rank_executor == "thread":
+    if settings.rank_executor != "inline":
         state.executor = ThreadPoolExecutor(max_workers=settings.max_concurrent_forwards, thread_name_prefix="rank")
     if store is not None:
         store.on_swap = lambda kv: _on_swap(state, kv)

@@ -43,6 +43,7 @@ def test_snapshot_store_lookup_and_fallbacks(kn_root):
         np.testing.assert_array_equal(cold.user_vec, snap.default_user())
         assert [(f.level, f.reason) for f in cold.fallbacks] == [("user", UNKNOWN)]
         assert store.user_response(kv, "u3")[0] == "User u3 likes things (v1)"
+        assert store.in_memory(kv, "anyone", need_user=True, need_items=True)  # no request of it reads the network
         # A new version under the root is followed through LATEST, without a restart.
         write_snapshot(kn_root, "v2", SCEN, USERS, ITEMS, make_space(), seed=2)
         assert wait_for(lambda: store.version_name() == "v2")

@@ -65,7 +65,7 @@ def test_version_flip_during_stream(world, redis_server, tmp_path):
     srv = start_server(
         ["--artifact", str(world.artifacts["llm4msr-item"]), "--redis-url", redis_server.url],
         tmp_path / "server.log",
-        # The inline executor mode here (the other tests use the default thread mode).
+        # The inline executor mode here, thread mode in the outage test, the default (auto) elsewhere.
         env={"LLM4MSR_POLL_INTERVAL_S": "0.2", "LLM4MSR_RANK_EXECUTOR": "inline"},
     )
     try:
@@ -110,7 +110,12 @@ def test_redis_outage_during_stream(world, redis_server, tmp_path):
         ["--artifact", str(world.artifacts["llm4msr-item"]), "--redis-url", redis_server.url],
         tmp_path / "server.log",
         # No user cache: every request needs Redis, so the outage shows in every answer.
-        env={"LLM4MSR_POLL_INTERVAL_S": "0.2", "LLM4MSR_USER_CACHE_SIZE": "0", "LLM4MSR_REDIS_RETRY_S": "0.2"},
+        env={
+            "LLM4MSR_POLL_INTERVAL_S": "0.2",
+            "LLM4MSR_USER_CACHE_SIZE": "0",
+            "LLM4MSR_REDIS_RETRY_S": "0.2",
+            "LLM4MSR_RANK_EXECUTOR": "thread",
+        },
     )
     users = world.users
 
@@ -283,3 +288,44 @@ def test_corrupt_knowledge_over_http(world, redis_server, tmp_path):
         assert "invalid knowledge version 'v*'" in log and "vector is corrupt" in log, log[-3000:]
     finally:
         srv.stop()
+
+
+def test_auto_executor_scores_on_the_loop_only_what_memory_answers(world, redis_server):
+    """rank_executor=auto (the default): a request is scored on the event loop only when it is small and no Redis
+    read can block the loop (the user's vector is in the LRU, the items are preloaded); both paths give the same
+    scores."""
+    import asyncio
+
+    import numpy as np
+
+    from online.codec import RankQuery
+    from online.service import RankService
+    from online.settings import load_settings
+    from online.state import load_state
+
+    publish(world.snapshot_dir, redis_server.url)
+    artifact = str(world.artifacts["llm4msr-item"])
+    state = load_state(load_settings(artifact=artifact, redis_url=redis_server.url, inline_max_candidates=30))
+    try:
+        assert state.settings.rank_executor == "auto" and state.executor is not None
+        service, ranker = RankService(state), state.ranker
+        kv = state.knowledge()
+        assert kv is not None and kv.items_complete
+        user, scen = world.users[4], world.scenarios[0]
+
+        def query(n: int) -> RankQuery:
+            return RankQuery(user, scen, world.items[:n], None, None, 0)
+
+        assert not service.runs_inline(query(10), ranker, kv)  # the user's vector needs a Redis read
+        first = asyncio.run(service.rank(query(10), ranker))  # ... on the executor, which caches it
+        assert service.runs_inline(query(10), ranker, kv) and service.runs_inline(query(30), ranker, kv)
+        assert not service.runs_inline(query(31), ranker, kv)  # more than inline_max_candidates
+        again = asyncio.run(service.rank(query(10), ranker))  # now on the loop
+        np.testing.assert_array_equal(first.scores, again.scores)
+        assert not service.runs_inline(RankQuery("someone-else", scen, world.items[:10], None, None, 0), ranker, kv)
+        for mode, inline in (("thread", False), ("inline", True)):
+            state.settings.rank_executor = mode
+            assert service.runs_inline(query(10), ranker, kv) is inline
+            assert service.runs_inline(query(31), ranker, kv) is inline
+    finally:
+        state.close()

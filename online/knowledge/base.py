@@ -134,6 +134,10 @@ class LRU:
             for k in [k for k in self._data if k[0] not in keep]:
                 del self._data[k]
 
+    def __contains__(self, key) -> bool:
+        """Whether key is cached (without touching its recency)."""
+        return key in self._data
+
     def __len__(self) -> int:
         return len(self._data)
 
@@ -259,6 +263,11 @@ class KnowledgeStore:
 
     def fetch(self, kv: KnowledgeVersion, user_id: str, item_ids: Sequence[str] | None, need_user: bool) -> Fetched:
         raise NotImplementedError
+
+    def in_memory(self, kv: KnowledgeVersion, user_id: str, need_user: bool, need_items: bool) -> bool:
+        """Whether `fetch` answers from this process's memory, without a network round trip (then a request may be
+        scored on the event loop). A snapshot is all in memory; a network store overrides this."""
+        return True
 
     def user_response(self, kv: KnowledgeVersion, user_id: str) -> tuple[str | None, list[Fallback]]:
         raise NotImplementedError

@@ -396,6 +396,11 @@ class RedisKnowledgeStore(KnowledgeStore):
             user_vec = user_vec.vec
         return Fetched(user_vec, item_vecs, fallbacks)
 
+    def in_memory(self, kv: KnowledgeVersion, user_id: str, need_user: bool, need_items: bool) -> bool:
+        """The user's vector is in the LRU and the items are all preloaded (a vector missing from a complete
+        catalogue is a fallback, not a read)."""
+        return (not need_user or (kv.version, user_id) in self.cache) and (not need_items or kv.items_complete)
+
     def _read_request_keys(self, kv: KnowledgeVersion, names: list[str]) -> tuple[list[bytes | None], list[bool]]:
         """One round trip per node (nodes whose breaker is open are skipped); which keys could not be asked."""
         reads = self.fast.get_by_node(names, skip=lambda node: not self._node_up(node))
