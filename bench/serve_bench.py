@@ -534,6 +534,7 @@ VARIANT_ENV = {
     "inline": {"LLM4MSR_RANK_EXECUTOR": "inline"},
     "thread": {"LLM4MSR_RANK_EXECUTOR": "thread"},
     "eager": {"LLM4MSR_TRACED_FORWARD": "false"},
+    "routed": {"LLM4MSR_RANK_FAST_PATH": "false"},
 }
 
 
@@ -641,8 +642,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--variants",
         default="plain,llm4msr,llm4msr-item",
         help="plain = STAR alone; llm4msr = STAR + scenario and user knowledge (the paper); llm4msr-item = + item level; "
-        "a suffix @inline or @thread serves that model with LLM4MSR_RANK_EXECUTOR set so (e.g. llm4msr,llm4msr@inline), "
-        "@eager with the eager forward instead of the traced graphs (LLM4MSR_TRACED_FORWARD=false)",
+        "a suffix @inline or @thread serves that model with LLM4MSR_RANK_EXECUTOR set so instead of auto "
+        "(e.g. llm4msr,llm4msr@thread), "
+        "@eager with the eager forward instead of the traced graphs (LLM4MSR_TRACED_FORWARD=false), @routed with "
+        "POST /rank through the framework's routing instead of the fast path (LLM4MSR_RANK_FAST_PATH=false)",
     )
     ap.add_argument("--users", type=int, default=300, help="synthetic world: users")
     ap.add_argument("--items-per-scenario", type=int, default=400, help="synthetic world: items per scenario")

@@ -19,8 +19,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from online.errors import HTTPProblem
-from online.middleware import RequestCounter
+from online.errors import HTTPProblem, problem_response
+from online.middleware import RankFastPath, RequestCounter
 from online.openapi import openapi_document
 from online.routes import ROUTERS
 from online.service import RankService
@@ -57,11 +57,12 @@ def create_app(settings: ServeSettings | None = None, state: ServingState | None
         summary="Multi-scenario CTR ranking with cached LLM knowledge (the LLM never runs at request time).",
         lifespan=lifespan,
     )
+    app.add_middleware(RankFastPath, app_ref=app)
     app.add_middleware(RequestCounter, app_ref=app)  # wraps everything, 404s and validation errors included
 
     @app.exception_handler(HTTPProblem)
     async def _problem(request: Request, exc: HTTPProblem) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+        return problem_response(exc)
 
     for router in ROUTERS:
         app.include_router(router)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.responses import JSONResponse
+
 
 class HTTPProblem(Exception):
     """An answer with a status and a reason (4xx/503), raised anywhere in a request; never a 500."""
@@ -18,3 +20,7 @@ def one_line(exc: BaseException) -> str:
     """The first line of an error's text: answers and logs stay one line even for multi-line messages."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def problem_response(exc: HTTPProblem) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status)

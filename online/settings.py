@@ -89,6 +89,9 @@ class ServeSettings(BaseSettings):
     rank_executor: Literal["auto", "thread", "inline"] = "auto"
     # The largest request "auto" scores on the event loop: its forward takes a few ms at most on one CPU core.
     inline_max_candidates: int = Field(500, ge=0)
+    # POST /rank answered by a middleware that calls its handler directly, past the framework's routing and
+    # dependency solving (online/middleware.py RankFastPath); the same answers. False: through the route.
+    rank_fast_path: bool = True
     # The forward as TorchScript graphs (one per scenario and knowledge layout, checked against the eager forward
     # when the model loads): about half the forward time of a 100-candidate request. False: the eager forward.
     traced_forward: bool = True

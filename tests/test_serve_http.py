@@ -197,3 +197,60 @@ def test_metrics_names_and_admin(world, client):
         ).status_code
         == 422
     )
+
+
+def test_fast_path_answers_as_the_route(world, server, tmp_path):
+    """POST /rank through the fast path (the default) and through the framework's route (LLM4MSR_RANK_FAST_PATH=
+    false): the same status, content type and body for valid and invalid requests, and the same request counts."""
+    routed = start_server(
+        [
+            "--artifact",
+            str(world.artifacts["llm4msr-item"]),
+            "--knowledge",
+            str(world.knowledge_root),
+            "--max-candidates",
+            str(MAX_CANDIDATES),
+            "--max-body-bytes",
+            str(MAX_BODY),
+        ],
+        tmp_path / "routed.log",
+        env={"LLM4MSR_RANK_FAST_PATH": "false"},
+    )
+    user, scen = world.users[3], world.scenarios[0]
+    requests = [
+        ("POST", "/rank", rank_body(user, scen, world.items[:40], top_k=10)),
+        ("POST", "/rank", rank_body("someone-new", scen, [*world.items[:5], world.items[2], "no-such-item"])),
+        ("POST", "/rank", rank_body(user, scen, [f"x{i}" for i in range(MAX_CANDIDATES + 1)])),
+        ("POST", "/rank", rank_body(user, "no-such-scenario", ["a"])),
+        ("POST", "/rank", b'{"user_id": "' + b"a" * MAX_BODY + b'"}'),
+        ("POST", "/rank", b"not json"),
+        ("POST", "/rank", b'{"user_id": "u", "scenario": "%s", "candidates": [], "top_k": 0}' % scen.encode()),
+        ("POST", "/rank", b'{"user_id": "u", "scenario": "%s", "candidates": [{"item_id": 5}]}' % scen.encode()),
+        ("GET", "/rank", None),
+    ]
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as fast, httpx.Client(base_url=routed.url) as slow:
+            before = [_rank_counts(c) for c in (fast, slow)]
+            for method, path, body in requests:
+                kwargs = {"json": body} if isinstance(body, dict) else {"content": body}
+                a, b = fast.request(method, path, **kwargs), slow.request(method, path, **kwargs)
+                assert a.status_code == b.status_code, (path, body, a.text, b.text)
+                assert a.headers["content-type"] == b.headers["content-type"]
+                assert a.json() == b.json(), (a.text, b.text)
+            added = [_rank_counts(c) - before[i] for i, c in enumerate((fast, slow))]
+        assert added[0] == added[1] and sum(added[0].values()) == len(requests), added
+        assert {"200", "413", "422", "405"} <= set(added[0])
+    finally:
+        routed.stop()
+
+
+def _rank_counts(client: httpx.Client):
+    """llm4msr_requests_total of route /rank by status."""
+    from collections import Counter
+
+    counts = Counter()
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith('llm4msr_requests_total{route="/rank"'):
+            status = line.split('status="')[1].split('"')[0]
+            counts[status] = float(line.rsplit(" ", 1)[1])
+    return counts

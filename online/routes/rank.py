@@ -11,15 +11,17 @@ from online.codec import decode_rank, encode_rank, read_body
 from online.deps import Service
 from online.routes.responses import BODY_TOO_LARGE, INVALID, NOT_READY
 from online.schemas import RankResponse
+from online.service import RankService
 
 router = APIRouter()
 
+RANK_PATH = "/rank"
 # Bodies larger than this are decoded on a worker thread (a normal 500-candidate request is ~20 KB).
 LARGE_BODY = 64 * 1024
 
 
 @router.post(
-    "/rank",
+    RANK_PATH,
     response_model=RankResponse,
     responses={**BODY_TOO_LARGE, **INVALID, **NOT_READY},
     openapi_extra={
@@ -31,6 +33,12 @@ LARGE_BODY = 64 * 1024
     summary="Score and sort candidates for one user in one scenario",
 )
 async def rank(request: Request, service: Service) -> Response:
+    return await answer_rank(request, service)
+
+
+async def answer_rank(request: Request, service: RankService) -> Response:
+    """The /rank answer; an HTTPProblem for a 4xx/503. Called by the route above and by the fast path
+    (online/middleware.py), which skips the framework's routing and dependency solving."""
     started = time.perf_counter()
     state = service.state  # one dependency: FastAPI's dependency solving is a visible share of a small request
     body = await read_body(request, state.settings.max_body_bytes)
