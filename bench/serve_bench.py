@@ -645,7 +645,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "a suffix @inline or @thread serves that model with LLM4MSR_RANK_EXECUTOR set so instead of auto "
         "(e.g. llm4msr,llm4msr@thread), "
         "@eager with the eager forward instead of the traced graphs (LLM4MSR_TRACED_FORWARD=false), @routed with "
-        "POST /rank through the framework's routing instead of the fast path (LLM4MSR_RANK_FAST_PATH=false)",
+        "POST /rank through the framework's routing instead of the fast path (LLM4MSR_RANK_FAST_PATH=false); "
+        "suffixes combine (llm4msr@thread@routed)",
     )
     ap.add_argument("--users", type=int, default=300, help="synthetic world: users")
     ap.add_argument("--items-per-scenario", type=int, default=400, help="synthetic world: items per scenario")
@@ -683,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         os.nice(args.nice)
     cells = parse_cells(args)
     variants = args.variants.split(",")
-    if unknown := {v.partition("@")[2] for v in variants} - {"", *VARIANT_ENV}:
+    if unknown := {x for v in variants for x in v.split("@")[1:]} - set(VARIANT_ENV):
         raise SystemExit(f"unknown variant suffix(es) {sorted(unknown)}; expected one of {sorted(VARIANT_ENV)}")
     models = list(dict.fromkeys(v.split("@")[0] for v in variants))  # llm4msr@inline serves the llm4msr model
     worker_counts = [int(x) for x in args.workers.split(",")]
@@ -707,8 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = {"LLM4MSR_KNOWLEDGE_CACHE_DIR": str(work / "knowledge-cache")}  # memory-mapped copies stay in work
         for v in variants:
-            model, _, suffix = v.partition("@")
-            server_env = {**env, **VARIANT_ENV[suffix]} if suffix else env
+            model, *suffixes = v.split("@")  # llm4msr@thread@routed: both settings
+            server_env = {**env, **{k: x for suffix in suffixes for k, x in VARIANT_ENV[suffix].items()}}
             for w in worker_counts:
                 log = work / f"server-{v}-w{w}.log"
                 kn = knowledge if model != "plain" else None
