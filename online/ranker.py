@@ -154,6 +154,10 @@ class Ranker:
                     )
                 raise KnowledgeDataError(f"the {level} knowledge has shape {got}, the model expects {shape}")
 
+    def has_reduced_items(self, kv: KnowledgeVersion) -> bool:
+        """Whether `reduced_items(kv)` is already computed (its first call reduces the whole catalogue)."""
+        return kv.version in self._item_tables
+
     def reduced_items(self, kv: KnowledgeVersion) -> np.ndarray:
         """The version's in-memory item vectors through this model's frozen reduction ([n, r], rows aligned with
         kv.items), computed once per knowledge version: a request then gathers 500 small rows instead of reducing

@@ -72,13 +72,18 @@ class RankService:
 
     def runs_inline(self, query: RankQuery, ranker: Ranker, kv: KnowledgeVersion | None) -> bool:
         """Whether this query is scored on the event loop thread: always with "inline", never with "thread"; with
-        "auto" when it is small and no network read can block the loop."""
+        "auto" when it is small and nothing slow can block the loop: no network read, and not the first request of
+        a knowledge version, which reduces the version's item catalogue."""
         settings, store = self.state.settings, self.state.store
         if self.state.executor is None or settings.rank_executor == "inline":
             return True
         if settings.rank_executor == "thread" or len(query.item_ids) > settings.inline_max_candidates:
             return False
-        return kv is None or store is None or store.in_memory(kv, query.user_id, ranker.needs_user, ranker.needs_items)
+        if kv is None or store is None:
+            return True
+        if ranker.needs_items and kv.items_complete and not ranker.has_reduced_items(kv):
+            return False
+        return store.in_memory(kv, query.user_id, ranker.needs_user, ranker.needs_items)
 
     def _pair(self, ranker: Ranker) -> tuple[Ranker, KnowledgeVersion | None]:
         """The model with the knowledge it reads (None for a model without knowledge), of one knowledge space."""

@@ -151,6 +151,9 @@ def reload_model(state: ServingState, artifact: str, generation: int | None = No
         check_field_limit(new, state.settings)
         if new.uses_knowledge and state.store is None:
             raise UserFacingError("the new model needs knowledge but the service was started without any")
+        kv = state.knowledge()
+        if new.needs_items and kv is not None and kv.items_complete and kv.space_id == new.knowledge_space_id:
+            new.reduced_items(kv)  # before requests need it
 
         def swap() -> None:
             state.ranker = new

@@ -299,6 +299,7 @@ def test_auto_executor_scores_on_the_loop_only_what_memory_answers(world, redis_
     import numpy as np
 
     from online.codec import RankQuery
+    from online.ranker import Ranker
     from online.service import RankService
     from online.settings import load_settings
     from online.state import load_state
@@ -316,6 +317,7 @@ def test_auto_executor_scores_on_the_loop_only_what_memory_answers(world, redis_
         def query(n: int) -> RankQuery:
             return RankQuery(user, scen, world.items[:n], None, None, 0)
 
+        assert ranker.has_reduced_items(kv)  # the item table was reduced when the version was installed
         assert not service.runs_inline(query(10), ranker, kv)  # the user's vector needs a Redis read
         first = asyncio.run(service.rank(query(10), ranker))  # ... on the executor, which caches it
         assert service.runs_inline(query(10), ranker, kv) and service.runs_inline(query(30), ranker, kv)
@@ -323,6 +325,10 @@ def test_auto_executor_scores_on_the_loop_only_what_memory_answers(world, redis_
         again = asyncio.run(service.rank(query(10), ranker))  # now on the loop
         np.testing.assert_array_equal(first.scores, again.scores)
         assert not service.runs_inline(RankQuery("someone-else", scen, world.items[:10], None, None, 0), ranker, kv)
+        fresh = Ranker.load(artifact)  # a model whose item table for this version is not reduced yet: the first
+        assert not service.runs_inline(query(10), fresh, kv)  # request does that, off the loop
+        fresh.reduced_items(kv)
+        assert service.runs_inline(query(10), fresh, kv)
         for mode, inline in (("thread", False), ("inline", True)):
             state.settings.rank_executor = mode
             assert service.runs_inline(query(10), ranker, kv) is inline
