@@ -33,6 +33,7 @@ LARGE_BODY = 64 * 1024
     summary="Score and sort candidates for one user in one scenario",
 )
 async def rank(request: Request, service: Service) -> Response:
+    # One dependency: the framework's dependency solving is a visible share of a small request.
     return await answer_rank(request, service)
 
 
@@ -40,7 +41,7 @@ async def answer_rank(request: Request, service: RankService) -> Response:
     """The /rank answer; an HTTPProblem for a 4xx/503. Called by the route above and by the fast path
     (online/middleware.py), which skips the framework's routing and dependency solving."""
     started = time.perf_counter()
-    state = service.state  # one dependency: FastAPI's dependency solving is a visible share of a small request
+    state = service.state
     body = await read_body(request, state.settings.max_body_bytes)
     ranker = state.ranker  # this request stays on this model even if an admin reload swaps it
     limits = service.limits(ranker)  # candidates keep this model's feature fields
