@@ -2,8 +2,9 @@ r"""End-to-end latency of the ranking service over loopback HTTP, with 1 and N w
 of the design the paper avoids.
 
 What it does:
-1. builds a synthetic world (dataset, split, a knowledge snapshot with seeded vectors of SmolLM2's hidden size
-   576 unless --dim says otherwise) and trains three STAR models on it: `plain` (the backbone alone), `llm4msr`
+1. builds a synthetic world (dataset, split, a knowledge snapshot with seeded 256-d vectors, the space a knowledge
+   build reduces SmolLM2's 576-d vectors to by default on data of production size; --dim 576 for an unreduced
+   space) and trains three STAR models on it: `plain` (the backbone alone), `llm4msr`
    (the paper's scenario- and user-level meta layers) and `llm4msr-item` (plus the item level); or uses
    --artifact-plain/--artifact-llm/--knowledge given on the command line;
 2. starts one `llm4msr serve` subprocess per model and worker count (--workers, default 1 and the usable cores)
@@ -650,7 +651,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--users", type=int, default=300, help="synthetic world: users")
     ap.add_argument("--items-per-scenario", type=int, default=400, help="synthetic world: items per scenario")
-    ap.add_argument("--dim", type=int, default=576, help="synthetic knowledge dimension (SmolLM2 hidden size)")
+    ap.add_argument(
+        "--dim",
+        type=int,
+        default=256,
+        help="synthetic knowledge dimension (256: the default reduced space; 576: SmolLM2's own width)",
+    )
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--artifact-plain", help="use this plain artifact instead of the synthetic one")
     ap.add_argument("--artifact-llm", help="use this LLM4MSR artifact instead of the synthetic one")
