@@ -22,19 +22,23 @@ def world(tmp_path_factory):
     return build_world(tmp_path_factory.mktemp("serving"))
 
 
+def _server_args(world) -> list[str]:
+    return [
+        "--artifact",
+        str(world.artifacts["llm4msr-item"]),
+        "--knowledge",
+        str(world.knowledge_root),
+        "--max-candidates",
+        str(MAX_CANDIDATES),
+        "--max-body-bytes",
+        str(MAX_BODY),
+    ]
+
+
 @pytest.fixture(scope="module")
 def server(world, tmp_path_factory):
     srv = start_server(
-        [
-            "--artifact",
-            str(world.artifacts["llm4msr-item"]),
-            "--knowledge",
-            str(world.knowledge_root),
-            "--max-candidates",
-            str(MAX_CANDIDATES),
-            "--max-body-bytes",
-            str(MAX_BODY),
-        ],
+        _server_args(world),
         tmp_path_factory.mktemp("logs") / "server.log",
         env={"LLM4MSR_ADMIN_TOKEN": TOKEN},
     )
@@ -203,16 +207,7 @@ def test_fast_path_answers_as_the_route(world, server, tmp_path):
     """POST /rank through the fast path (the default) and through the framework's route (LLM4MSR_RANK_FAST_PATH=
     false): the same status, content type and body for valid and invalid requests, and the same request counts."""
     routed = start_server(
-        [
-            "--artifact",
-            str(world.artifacts["llm4msr-item"]),
-            "--knowledge",
-            str(world.knowledge_root),
-            "--max-candidates",
-            str(MAX_CANDIDATES),
-            "--max-body-bytes",
-            str(MAX_BODY),
-        ],
+        _server_args(world),
         tmp_path / "routed.log",
         env={"LLM4MSR_RANK_FAST_PATH": "false"},
     )
