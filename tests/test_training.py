@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -191,3 +192,31 @@ def test_train_tiny_artifact_helper(synth_dir, tmp_path):
     assert artifact.config.backbone == "ple"
     assert artifact.config.levels == ["scenario", "user", "item"]
     assert artifact.config.knowledge_space_id is not None
+
+
+def test_embedding_init_std_is_a_training_option(synth_dir, synth, tmp_path):
+    """--embed-init-std sets the field embeddings' init and is stored with the training settings; a stored config
+    without it (trained before it existed) reads as the init of that time."""
+    from offline.training.cli import TRAINING_FLAGS
+    from offline.training.config import TrainConfig, fill_absent
+    from offline.training.trainer import build_model
+    from shared.models.features import FeatureEncoder
+
+    dataset, split, _ = synth
+    encoder = FeatureEncoder.fit(dataset, split.train)
+    for std in (1e-3, 0.2):
+        model = build_model(tiny_train_config(llm4msr=False, embed_init_std=std), encoder, 0)
+        assert model.config.embed_init_std == std
+        assert float(model.embedding.weight.std()) == pytest.approx(std, rel=0.05)
+
+    parser = argparse.ArgumentParser()
+    TRAINING_FLAGS.add_to(parser)
+    assert TRAINING_FLAGS.values(parser.parse_args(["--embed-init-std", "0.001"]))["embed_init_std"] == 0.001
+
+    out = tmp_path / "model"
+    args = ["train", "--data", str(synth_dir), "--no-llm4msr", "--embed-init-std", "0.001", "--epochs", "1"]
+    assert llm4msr_cli.main([*args, "--threads", "1", "--embed-dim", "8", "--out", str(out)]) == 0
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["train"]["embed_init_std"] == 0.001 and stored["model"]["embed_init_std"] == 0.001
+    old = {k: v for k, v in stored["train"].items() if k in TrainConfig.flat_keys() - {"embed_init_std"}}
+    assert TrainConfig.from_flat(fill_absent(old)).embed_init_std == 0.05

@@ -27,6 +27,7 @@ TRAINING_FLAGS = ConfigFlags(
         "lr",
         "weight_decay",
         "embed_dim",
+        "embed_init_std",
         "reduce_dim",
         "proj_dim",
         "meta_dim",

@@ -476,7 +476,16 @@ def _settings_line(runs: list[dict]) -> str:
     """The shared wrapper and protocol settings (a variant may set its own, as its name says)."""
     config = next((r["config"] for r in runs if r["variant"] == "plain"), runs[0]["config"])
     config = fill_absent(config)
-    keys = ("gate", "knowledge_dropout", "user_knowledge", "early_rows", "reduce_dim", "placement", "calibrate")
+    keys = (
+        "gate",
+        "knowledge_dropout",
+        "user_knowledge",
+        "early_rows",
+        "reduce_dim",
+        "placement",
+        "calibrate",
+        "embed_init_std",
+    )
     return "Settings unless the variant says otherwise: " + ", ".join(f"{k} {config.get(k)}" for k in keys) + "."
 
 

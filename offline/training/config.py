@@ -22,13 +22,15 @@ from shared.models.llm4msr_config import ABSENT_MEANS, LLM4MSRConfig
 DEFAULT_EARLY_ROWS = "default_user"
 # Flat fields newer than the first artifacts and compare runs, with the value their absence means in a stored
 # config: the training of that time (ungated wrapper, user vectors from the full train history, fixed levels;
-# early_rows has no effect under full-history, so its default stands for any value; raw, uncalibrated scores).
+# early_rows has no effect under full-history, so its default stands for any value; raw, uncalibrated scores;
+# the field embeddings' first init).
 ABSENT_IN_STORED: dict[str, Any] = {
     **ABSENT_MEANS,
     "user_knowledge": "full-history",
     "early_rows": DEFAULT_EARLY_ROWS,
     "levels_auto": False,
     "calibrate": False,
+    "embed_init_std": 0.05,
 }
 
 
@@ -62,6 +64,10 @@ class TrainConfig:
     # The wrapper's settings (used when llm4msr is on); its knowledge_dim is set from the snapshot at build time.
     wrapper: LLM4MSRConfig = field(default_factory=LLM4MSRConfig)
     embed_dim: int = 16
+    embed_init_std: float = field(
+        default=0.05,
+        metadata={"help": "std of the normal init of the field embeddings (user, item, scenario, category)"},
+    )
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 2048

@@ -300,6 +300,7 @@ def build_model(cfg: TrainConfig, encoder: FeatureEncoder, knowledge_dim: int) -
             fields=list(encoder.field_sizes().items()),
             n_scenarios=len(encoder.scenarios),
             embed_dim=cfg.embed_dim,
+            embed_init_std=cfg.embed_init_std,
             backbone=cfg.backbone,
             backbone_params=cfg.backbone_params,
             llm4msr=wrapper,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from shared.models.backbones import build_backbone
@@ -20,6 +20,10 @@ class ModelConfig(BaseModel):
     fields: list[tuple[str, int]]
     n_scenarios: int
     embed_dim: int = 16
+    # Std of the normal init of the field embeddings: an ID seen a few times in training keeps most of its random
+    # init, which the network may read as signal. Only the init of a new model; a loaded model has its trained
+    # weights.
+    embed_init_std: float = Field(default=0.05, gt=0)
     backbone: str = "star"
     backbone_params: dict = {}
     llm4msr: LLM4MSRConfig | None = None
@@ -38,7 +42,7 @@ class CTRModel(nn.Module):
         # One table for all fields (offsets per field): one lookup per batch instead of F.
         self.register_buffer("offsets", torch.cumsum(sizes, 0) - sizes, persistent=False)
         self.embedding = nn.Embedding(int(sizes.sum()), config.embed_dim)
-        nn.init.normal_(self.embedding.weight, std=0.05)
+        nn.init.normal_(self.embedding.weight, std=config.embed_init_std)
         self.pos = {USER: names.index(USER), ITEM: names.index(ITEM), SCENARIO: names.index(SCENARIO)}
         x_dim = len(names) * config.embed_dim
         self.wrapper: LLM4MSR | None = None
