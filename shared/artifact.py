@@ -15,7 +15,9 @@ refused; without a key, artifacts load as before (signed or not) and only corrup
 
 Artifacts written before a wrapper setting existed stay loadable and keep their checksum: config.json is read with
 the stored-config context (shared/models/llm4msr_config.py: a missing newer field means the model of that time,
-e.g. gate "none"), and the checksum leaves such a field out while it holds that value.
+e.g. gate "none"), and the checksum leaves such a field out while it holds that value. A newer field of the model
+config (`MODEL_ABSENT_MEANS`, in the order they were added) is read the same way, and the checksum is accepted as
+an artifact of any earlier field set has it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from shared.atomic import replace_dir_atomically
 from shared.errors import UserFacingError
-from shared.models.ctr import CTRModel, ModelConfig
+from shared.models.ctr import MODEL_ABSENT_MEANS, CTRModel, ModelConfig
 from shared.models.features import FeatureEncoder
 from shared.models.llm4msr_config import ABSENT_MEANS, STORED_CONFIG
 
@@ -74,10 +76,16 @@ class ArtifactConfig(BaseModel):
     checksum: str = ""
     signature: str = ""  # "hmac-sha256:<hex>" over `checksum`, or "" when saved without a key
 
-    def config_checksum(self) -> str:
+    def config_checksum(self, newer_left_out: int = 0) -> str:
         """sha256 of the canonical JSON of everything but checksum and signature (covers the file checksums too;
-        unsigned artifacts written before signing existed keep their checksum)."""
+        unsigned artifacts written before signing existed keep their checksum). newer_left_out = k: the checksum
+        as an artifact written before the last k model fields of MODEL_ABSENT_MEANS existed has it (those of them
+        holding the value their absence means are left out)."""
         payload = self.model_dump(mode="json", exclude={"checksum", "signature"})
+        newer = list(MODEL_ABSENT_MEANS.items())[len(MODEL_ABSENT_MEANS) - newer_left_out :]
+        for name, absent in json.loads(json.dumps(newer)):
+            if payload["model"].get(name) == absent:
+                del payload["model"][name]
         wrapper = payload["model"].get("llm4msr")
         if wrapper is not None:  # a newer setting at the value its absence means: as if it were not there
             payload["model"]["llm4msr"] = {
@@ -218,7 +226,7 @@ def read_artifact_config(path: str | os.PathLike) -> ArtifactConfig:
         raise UserFacingError(f"{file}: invalid artifact config: {exc.errors()[0]['msg']}") from None
     if cfg.format_version != FORMAT_VERSION:
         raise UserFacingError(f"{file}: artifact format {cfg.format_version} is not supported ({FORMAT_VERSION})")
-    if cfg.checksum != cfg.config_checksum():
+    if cfg.checksum not in {cfg.config_checksum(k) for k in range(len(MODEL_ABSENT_MEANS) + 1)}:
         raise UserFacingError(f"{file}: checksum mismatch: config.json was modified after training; refusing it")
     verify_signature(cfg, file, signing_key())
     return cfg

@@ -309,3 +309,42 @@ def test_artifact_written_before_signing_still_loads(trained, tmp_path):
     del cfg["signature"]  # the field did not exist then; the checksum never covered it
     (old / "config.json").write_text(json.dumps(cfg))
     assert load_artifact(old).config.checksum == cfg["checksum"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "uncalibrated"),
+    [(("calibration", "embed_init_std"), True), (("embed_init_std",), False), (("embed_init_std",), True)],
+)
+def test_artifact_written_before_newer_model_settings_still_loads(trained, tmp_path, fields, uncalibrated):
+    """An artifact saved before a model setting existed has neither the key nor the checksum over it: it loads,
+    with the value its absence means (raw scores; the embeddings' first init). Calibration came first, so an
+    artifact may hold it, at any value, without the init."""
+    import copy
+    import hashlib
+    import shutil
+
+    from shared.models.llm4msr_config import ABSENT_MEANS
+
+    old = tmp_path / "old"
+    shutil.copytree(trained[1], old)
+    cfg = json.loads((old / "config.json").read_text())
+    if uncalibrated:
+        cfg["model"]["calibration"] = [1.0, 0.0]
+    for name in fields:
+        del cfg["model"][name]
+    payload = copy.deepcopy({k: v for k, v in cfg.items() if k not in ("checksum", "signature")})
+    wrapper = payload["model"]["llm4msr"]  # the wrapper's own newer fields, left out at their absent value
+    payload["model"]["llm4msr"] = {k: v for k, v in wrapper.items() if ABSENT_MEANS.get(k, object()) != v}
+    cfg["checksum"] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    (old / "config.json").write_text(json.dumps(cfg))
+    loaded = load_artifact(old)
+    assert loaded.config.checksum == cfg["checksum"]
+    if "calibration" in fields:
+        assert loaded.model.config.calibration == (1.0, 0.0)
+    if "embed_init_std" in fields:
+        assert loaded.model.config.embed_init_std == 0.05
+    # Any other edit is still refused.
+    cfg["model"]["embed_dim"] += 1
+    (old / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserFacingError, match="checksum mismatch"):
+        load_artifact(old)

@@ -65,8 +65,11 @@ class TrainConfig:
     wrapper: LLM4MSRConfig = field(default_factory=LLM4MSRConfig)
     embed_dim: int = 16
     embed_init_std: float = field(
-        default=0.05,
-        metadata={"help": "std of the normal init of the field embeddings (user, item, scenario, category)"},
+        default=1e-4,
+        metadata={
+            "help": "std of the normal init of the field embeddings (user, item, scenario, category); small, so "
+            "that rarely seen IDs stay near a neutral vector"
+        },
     )
     lr: float = 1e-3
     weight_decay: float = 0.0
