@@ -11,7 +11,7 @@ from torch import nn
 from shared.models.backbones import build_backbone
 from shared.models.features import ITEM, SCENARIO, USER
 from shared.models.llm4msr import LLM4MSR, LLM4MSRConfig, RequestPath
-from shared.models.llm4msr_config import STORED_CONFIG
+from shared.models.llm4msr_config import fill_absent_if_stored
 
 # ModelConfig fields newer than the first artifacts, in the order they were added, with the value their absence
 # means in a stored config (as ABSENT_MEANS for the wrapper's): raw scores, and the embeddings' init of that time.
@@ -43,9 +43,7 @@ class ModelConfig(BaseModel):
     @classmethod
     def _absent_in_stored_config(cls, data: Any, info: ValidationInfo) -> Any:
         """A stored config without a newer field holds the model of its time, not today's default."""
-        if info.context and info.context.get(STORED_CONFIG) and isinstance(data, dict):
-            return {**MODEL_ABSENT_MEANS, **data}
-        return data
+        return fill_absent_if_stored(data, info, MODEL_ABSENT_MEANS)
 
 
 class CTRModel(nn.Module):

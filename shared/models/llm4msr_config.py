@@ -25,6 +25,14 @@ STORED_CONFIG = "stored_config"
 ABSENT_MEANS: dict[str, Any] = {"gate": "none", "gate_decay": 0.0, "knowledge_dropout": 0.0}
 
 
+def fill_absent_if_stored(data: Any, info: ValidationInfo, absent: dict[str, Any]) -> Any:
+    """The raw input of a config model with the fields it lacks set to `absent` when it is read from a stored
+    artifact (validation context STORED_CONFIG); any other input unchanged."""
+    if info.context and info.context.get(STORED_CONFIG) and isinstance(data, dict):
+        return {**absent, **data}
+    return data
+
+
 class LLM4MSRConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     levels: list[str] = Field(
@@ -64,9 +72,7 @@ class LLM4MSRConfig(BaseModel):
     @classmethod
     def _absent_in_stored_config(cls, data: Any, info: ValidationInfo) -> Any:
         """A stored config without a newer field holds the model of its time, not today's default."""
-        if info.context and info.context.get(STORED_CONFIG) and isinstance(data, dict):
-            return {**ABSENT_MEANS, **data}
-        return data
+        return fill_absent_if_stored(data, info, ABSENT_MEANS)
 
     @field_validator("levels")
     @classmethod
