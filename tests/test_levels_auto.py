@@ -13,10 +13,20 @@ from offline.data.split import SplitConfig, make_split
 from offline.training.trainer import train
 from shared.artifact import WEIGHTS, load_artifact
 from shared.dataset.folder import read_dataset
+from shared.errors import UserFacingError
 from shared.knowledge.snapshot import KnowledgeSnapshot
 from tests.fixtures_models import add_fit_table, write_planted_snapshot
 
-CANDIDATES = ["none", "scenario,user", "scenario,user,item"]
+# The CLI's defaults: embeddings init 1e-4, the item level also fitted at --auto-item-init-std 0.05.
+CANDIDATES = ["none", "scenario,user", "scenario,user,item", "scenario,user,item@init=0.05"]
+
+
+def _fixed_args(name: str) -> list[str]:
+    """The flags of a fixed-levels run that trains candidate `name`."""
+    if name == "none":
+        return ["--no-llm4msr"]
+    levels, _, init = name.partition("@init=")
+    return ["--levels", levels, *(["--embed-init-std", init] if init else [])]
 
 
 def _sha(path) -> str:
@@ -45,12 +55,37 @@ def test_cli_default_is_auto_records_every_candidate_and_writes_the_chosen_model
     assert artifact.metrics["valid"]["overall"]["auc"] == pytest.approx(aucs[selection["chosen"]], abs=1e-9)
     # The chosen model is byte for byte the one a run with those levels trains (same settings, seed and threads).
     chosen = selection["chosen"]
-    fixed = ["--no-llm4msr"] if chosen == "none" else ["--levels", chosen]
-    assert _train_cli(synth_dir, kn, tmp_path / "fixed", *fixed) == 0
+    assert _train_cli(synth_dir, kn, tmp_path / "fixed", *_fixed_args(chosen)) == 0
     assert _sha(tmp_path / "auto" / WEIGHTS) == _sha(tmp_path / "fixed" / WEIGHTS)
     fixed_cfg = load_artifact(tmp_path / "fixed").config
     assert (fixed_cfg.llm4msr, fixed_cfg.levels) == (artifact.llm4msr, artifact.levels)
     assert "level_selection" not in fixed_cfg.train and fixed_cfg.train["levels_auto"] is False
+
+
+def test_second_init_candidate_trains_the_item_level_with_that_init(synth_dir, tmp_path):
+    """The @init candidate is the model of `--levels scenario,user,item --embed-init-std <std>`, whether or not it
+    wins; --auto-item-init-std 0 (or the default init itself) leaves the three level candidates."""
+    from offline.training.auto_levels import candidate_configs
+    from offline.training.config import TrainConfig
+
+    dataset = read_dataset(synth_dir)
+    split = make_split(dataset, SplitConfig())
+    kn = write_planted_snapshot(dataset, split, tmp_path / "kn")
+    base = TrainConfig(levels_auto=True)
+    assert list(candidate_configs(base)) == CANDIDATES
+    assert list(candidate_configs(base.with_values(auto_item_init_std=0.0))) == CANDIDATES[:3]
+    assert list(candidate_configs(base.with_values(auto_item_init_std=base.embed_init_std))) == CANDIDATES[:3]
+    with pytest.raises(UserFacingError, match="auto-item-init-std"):
+        candidate_configs(base.with_values(auto_item_init_std=-1.0))
+    wide = candidate_configs(base.with_values(auto_item_init_std=0.02))["scenario,user,item@init=0.02"]
+    assert (wide.embed_init_std, wide.wrapper.levels, wide.levels_auto) == (0.02, ["scenario", "user", "item"], False)
+    # The CLI flag reaches the candidate, and the recorded candidate name says its init.
+    assert _train_cli(synth_dir, kn, tmp_path / "auto", "--auto-item-init-std", "0.02", "--epochs", "1") == 0
+    names = [c["levels"] for c in load_artifact(tmp_path / "auto").config.train["level_selection"]["candidates"]]
+    assert names == [*CANDIDATES[:3], "scenario,user,item@init=0.02"]
+    assert _train_cli(synth_dir, kn, tmp_path / "off", "--auto-item-init-std", "0", "--epochs", "1") == 0
+    names = [c["levels"] for c in load_artifact(tmp_path / "off").config.train["level_selection"]["candidates"]]
+    assert names == CANDIDATES[:3]
 
 
 def test_auto_takes_the_item_level_where_it_carries_the_answer(tmp_path):

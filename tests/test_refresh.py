@@ -366,10 +366,12 @@ def test_refresh_defaults_to_levels_auto_and_retrains_with_it(data_dir, tmp_path
     assert r1.exit_code == ExitCode.ROLLOUT, r1.to_dict()
     selection = r1.steps["train"].detail["level_selection"]
     names = [c["levels"] for c in selection["candidates"]]
-    assert names == ["none", "scenario,user", "scenario,user,item"] and selection["chosen"] in names
+    assert names == ["none", "scenario,user", "scenario,user,item", "scenario,user,item@init=0.05"]
+    assert selection["chosen"] in names
     art = read_artifact_config(cfg.artifact_dir)
     assert art.train["levels_auto"] is True and art.train["level_selection"] == selection
-    assert art.levels == ([] if selection["chosen"] == "none" else selection["chosen"].split(","))
+    chosen_levels = selection["chosen"].partition("@")[0]
+    assert art.levels == ([] if chosen_levels == "none" else chosen_levels.split(","))
     r2 = run_refresh(cfg, build=fake_build("v2", make_space(8, "m2")))  # new space: retrain, again with auto
     assert r2.retrained and "level_selection" in r2.steps["train"].detail
 

@@ -28,6 +28,7 @@ TRAINING_FLAGS = ConfigFlags(
         "weight_decay",
         "embed_dim",
         "embed_init_std",
+        "auto_item_init_std",
         "reduce_dim",
         "proj_dim",
         "meta_dim",
@@ -60,8 +61,8 @@ def add_levels_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None
         type=_levels,
         default=AUTO_LEVELS,
         help="knowledge levels: auto (default: fit the plain backbone, scenario,user and scenario,user,item with the "
-        "same settings and keep the best on validation AUC) or a comma list of scenario,user,item (paper: "
-        "scenario,user)",
+        "same settings, scenario,user,item also with --auto-item-init-std, and keep the best on validation AUC) or "
+        "a comma list of scenario,user,item (paper: scenario,user)",
     )
 
 

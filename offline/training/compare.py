@@ -485,6 +485,7 @@ def _settings_line(runs: list[dict]) -> str:
         "placement",
         "calibrate",
         "embed_init_std",
+        "auto_item_init_std",
     )
     return "Settings unless the variant says otherwise: " + ", ".join(f"{k} {config.get(k)}" for k in keys) + "."
 

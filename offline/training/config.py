@@ -23,7 +23,7 @@ DEFAULT_EARLY_ROWS = "default_user"
 # Flat fields newer than the first artifacts and compare runs, with the value their absence means in a stored
 # config: the training of that time (ungated wrapper, user vectors from the full train history, fixed levels;
 # early_rows has no effect under full-history, so its default stands for any value; raw, uncalibrated scores;
-# the field embeddings' first init).
+# the field embeddings' first init; --levels auto without its second-init candidate).
 ABSENT_IN_STORED: dict[str, Any] = {
     **ABSENT_MEANS,
     "user_knowledge": "full-history",
@@ -31,6 +31,7 @@ ABSENT_IN_STORED: dict[str, Any] = {
     "levels_auto": False,
     "calibrate": False,
     "embed_init_std": 0.05,
+    "auto_item_init_std": 0.0,
 }
 
 
@@ -69,6 +70,16 @@ class TrainConfig:
         metadata={
             "help": "std of the normal init of the field embeddings (user, item, scenario, category); small, so "
             "that rarely seen IDs stay near a neutral vector"
+        },
+    )
+    # --levels auto also fits its scenario,user,item candidate with this embedding init (0: it does not). On sparse
+    # ids the item level did better with the earlier, wider init, on dense ids with the small one; validation
+    # decides per run (offline/training/auto_levels.py).
+    auto_item_init_std: float = field(
+        default=0.05,
+        metadata={
+            "help": "--levels auto also fits scenario,user,item with this embedding init and keeps it if it is "
+            "better on validation (0: no such candidate)"
         },
     )
     lr: float = 1e-3
