@@ -174,3 +174,23 @@ def test_a_run_recorded_before_the_new_settings_is_reused_for_their_old_behaviou
         assert _compare(synth_dir, kn, out, "--variants", "plain", "--epochs", "1") == 0
     assert "recompute star__plain__s0.json: settings changed: gate 'none' -> 'scalar'; " in caplog.text
     assert "user_knowledge 'full-history' -> 'leak-free'" in caplog.text
+
+
+def test_a_setting_only_auto_reads_leaves_the_other_runs_reusable(synth_dir, synth, tmp_path, caplog):
+    """--auto-item-init-std is newer than these records: the plain run (which never reads it) is reused, the auto run
+    (which then had no second-init candidate) is recomputed, saying why."""
+    _, _, kn, _ = synth
+    out = tmp_path / "runs"
+    assert _compare(synth_dir, kn, out, "--variants", "plain,auto", "--epochs", "1") == 0
+    for name in ("star__plain__s0.json", "star__auto__s0.json"):
+        file = out / "runs" / name
+        record = json.loads(file.read_text())
+        record["config"].pop("auto_item_init_std")
+        file.write_text(json.dumps(record))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="offline.training.compare"):
+        assert _compare(synth_dir, kn, out, "--variants", "plain,auto", "--epochs", "1") == 0
+    assert "reuse star__plain__s0.json (same settings)" in caplog.text
+    assert "recompute star__auto__s0.json: settings changed: auto_item_init_std 0.0 -> 0.05" in caplog.text
+    record = json.loads((out / "runs" / "star__auto__s0.json").read_text())
+    assert [c["levels"] for c in record["level_selection"]["candidates"]][-1] == "scenario,user,item@init=0.05"

@@ -129,13 +129,27 @@ def select_variants(named: list[str] | None, ablations: bool, knowledge_last: st
 
 # TrainConfig fields that do not change what a run computes: never a reason to recompute.
 NEUTRAL_CONFIG_KEYS = frozenset({"progress", "threads", "eval_batch_size"})
+# Fields read only under a condition of the config: neutral for a run without it (a plain or fixed-levels run
+# computes the same whatever --levels auto would have tried).
+CONDITIONAL_CONFIG_KEYS: dict[str, Callable[[dict], bool]] = {
+    "auto_item_init_std": lambda c: bool(c.get("levels_auto") and c.get("llm4msr")),
+}
+
+
+def _computing(config: dict) -> dict:
+    """The stored config's fields that decide what the run computes (absent ones read as their old behaviour)."""
+    full = fill_absent(config)
+    return {
+        k: v
+        for k, v in full.items()
+        if k not in NEUTRAL_CONFIG_KEYS and (k not in CONDITIONAL_CONFIG_KEYS or CONDITIONAL_CONFIG_KEYS[k](full))
+    }
 
 
 def config_hash(config: dict) -> str:
     """sha256 of the training config without the neutral fields; a field newer than the record means its old
     behaviour (config.fill_absent), so a run recorded before it matches a config that asks for that behaviour."""
-    kept = {k: v for k, v in fill_absent(config).items() if k not in NEUTRAL_CONFIG_KEYS}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(_computing(config), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def run_settings(config: dict, split_fingerprint: str, snapshot: KnowledgeSnapshot, top_k: list[int]) -> dict:
@@ -158,11 +172,11 @@ def changed_settings(record: dict, config: dict, settings: dict) -> list[str]:
     for key in ("knowledge_version", "knowledge_space_id"):
         if record.get(key) != settings[key]:
             reasons.append(f"{key.replace('_', ' ')} {record.get(key)} -> {settings[key]}")
-    old_config = fill_absent(record.get("config") or {})
+    old_config = record.get("config") or {}
     if config_hash(old_config) != settings["config_hash"]:
-        keys = sorted((set(old_config) | set(config)) - NEUTRAL_CONFIG_KEYS)
+        old, new = _computing(old_config), _computing(config)
         reasons += [
-            f"{k} {old_config.get(k)!r} -> {config.get(k)!r}" for k in keys if old_config.get(k) != config.get(k)
+            f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
         ]
     if record.get("top_k") != settings["top_k"]:
         reasons.append(f"top-k {record.get('top_k')} -> {settings['top_k']}")
