@@ -8,11 +8,11 @@ byte-identical to `--levels <chosen>` (or `--no-llm4msr`). The test split plays 
 
 The item level also depends on the field embeddings' init, and not the same way on every dataset: on sparse ids (a
 700-user subset of amazon-arts-office, ~5 interactions per item) scenario+user+item was better on validation with
-the wider earlier init (0.05) than with the default 1e-4 in 16 of 18 backbone x seed pairs, on dense ids (ml-latest-
-small) worse in 18 of 18, while the other candidates did better at 1e-4 on average on both. So scenario+user+item is
-fitted a second time with `auto_item_init_std` (when it is set and differs from `embed_init_std`), named
-`scenario,user,item@init=<std>`; the chosen model is then the one of `--levels scenario,user,item --embed-init-std
-<std>`.
+the wider earlier init (0.05) than with the default 1e-4 in 16 of 18 backbone x seed pairs, on dense ids
+(ml-latest-small) worse in 18 of 18, while the other candidates did better at 1e-4 on average on both. So
+scenario+user+item is fitted a second time with `auto_item_init_std` (when it is set and differs from
+`embed_init_std`), named `scenario,user,item@init=<std>`; the chosen model is then the one of `--levels
+scenario,user,item --embed-init-std <std>`.
 
 The artifact's train block records the request (levels_auto) and the choice with every candidate's validation
 numbers (`level_selection`); the model itself is an ordinary one, so the service needs nothing new.
