@@ -87,9 +87,8 @@ class LevelSelection:
 
 def candidate_config(cfg: TrainConfig, levels: list[str] | None, **values: object) -> TrainConfig:
     """The request's settings with one candidate's levels (None: the plain backbone) and other values."""
-    if levels is None:
-        return cfg.with_values(levels_auto=False, llm4msr=False, **values)
-    return cfg.with_values(levels_auto=False, levels=levels, **values)
+    knowledge = {"llm4msr": False} if levels is None else {"levels": levels}
+    return cfg.with_values(levels_auto=False, **knowledge, **values)
 
 
 def candidate_configs(cfg: TrainConfig) -> dict[str, TrainConfig]:
