@@ -19,8 +19,11 @@ What it does:
    from the user's history and embedded (encode mode; and with --llm-generate, generated then embedded, the paper's
    mode), then the same model scores the candidates;
 5. prints p50/p95/p99 latency and requests/s per cell side by side, the LLM4MSR/plain p99 ratios, N-worker over
-   1-worker throughput and the request-time-LLM/LLM4MSR p50 ratio; --json OUT writes everything, --plots DIR
-   writes PNG latency plots.
+   1-worker throughput and the request-time-LLM/LLM4MSR p50 ratio; per cell and server also the CPU time per
+   request of the server's processes and of the load generator, the cores they kept busy, how the clients'
+   keep-alive connections fell on the workers (2+2, 3+1) in each round, and the N-worker throughput ceiling
+   those CPU costs allow when the load generator shares the server's cores; --json OUT writes everything,
+   --plots DIR writes PNG latency plots.
 
 The issue-16 comparison (old = --workers 1, new = the cores), as one run:
     python bench/serve_bench.py --cells 500x4,100x1,500x1 --variants plain,llm4msr --workers 1,2 --memory \
@@ -30,11 +33,13 @@ The issue-16 comparison (old = --workers 1, new = the cores), as one run:
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import multiprocessing as mp
 import os
 import platform
 import random
+import resource
 import socket
 import statistics
 import subprocess
@@ -96,13 +101,37 @@ class HTTPConn:
         self.sock.close()
 
 
+def own_cpu_seconds() -> float:
+    """User + system CPU time of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its live descendants (a server: the parent and its workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of stat)
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):  # a process that ended meanwhile
+            continue
+    return total
+
+
 def _client(port: int, bodies: list[bytes], requests: int, warmup: int, duration: float, barrier, out):
     """One concurrent client: warm up, wait for the others, then send requests back to back."""
     conn = HTTPConn("127.0.0.1", port)
+    status, ready = conn.request("GET", "/readyz")  # which worker holds this connection (keep-alive: all of it)
+    worker = json.loads(ready).get("worker_pid", 0) if status == 200 else 0
     rng = random.Random(os.getpid())
     for _ in range(warmup):
         conn.post("/rank", bodies[rng.randrange(len(bodies))])
     barrier.wait()
+    cpu_start = own_cpu_seconds()
     t_start = time.perf_counter()
     deadline = t_start + duration
     lat, starts, statuses = [], [], []
@@ -116,13 +145,19 @@ def _client(port: int, bodies: list[bytes], requests: int, warmup: int, duration
         statuses.append(status)
         if t1 > deadline:
             break
+    elapsed, cpu = time.perf_counter() - t_start, own_cpu_seconds() - cpu_start
     conn.close()
-    out.put({"lat": lat, "starts": starts, "statuses": statuses, "elapsed": time.perf_counter() - t_start})
+    out.put({"lat": lat, "starts": starts, "statuses": statuses, "elapsed": elapsed, "cpu_s": cpu, "worker": worker})
 
 
-def run_cell(port: int, bodies: list[bytes], clients: int, requests: int, warmup: int, duration: float) -> dict:
+def run_cell(
+    port: int, bodies: list[bytes], clients: int, requests: int, warmup: int, duration: float, server_pid: int = 0
+) -> dict:
+    """One round of a cell; with server_pid, also the CPU time the server's processes and the load generator's
+    spent in the measured part (warm-up excluded): on a machine whose cores both share, the load generator's
+    share bounds what more workers can gain."""
     ctx = mp.get_context("fork")
-    barrier = ctx.Barrier(clients)
+    barrier = ctx.Barrier(clients + 1)  # the clients and this process: the server's CPU is read at the start
     out = ctx.Queue()
     procs = [
         ctx.Process(target=_client, args=(port, bodies, requests, warmup, duration, barrier, out))
@@ -130,7 +165,10 @@ def run_cell(port: int, bodies: list[bytes], clients: int, requests: int, warmup
     ]
     for p in procs:
         p.start()
+    barrier.wait(timeout=duration + 120)
+    server_start = tree_cpu_seconds(server_pid) if server_pid else 0.0
     results = [out.get(timeout=duration + 120) for _ in procs]
+    server_cpu = tree_cpu_seconds(server_pid) - server_start if server_pid else 0.0
     for p in procs:
         p.join(timeout=10)
     return {
@@ -138,7 +176,16 @@ def run_cell(port: int, bodies: list[bytes], clients: int, requests: int, warmup
         "starts": [x for r in results for x in r["starts"]],
         "errors": sum(1 for r in results for s in r["statuses"] if s != 200),
         "elapsed": max(r["elapsed"] for r in results),
+        "server_cpu_s": server_cpu,
+        "client_cpu_s": sum(r["cpu_s"] for r in results),
+        "split": connection_split([r["worker"] for r in results]),
     }
+
+
+def connection_split(workers: list[int]) -> str:
+    """How the clients' connections fell on the server's workers, most loaded first: "2+2", "3+1", "4"."""
+    counts = sorted(collections.Counter(workers).values(), reverse=True)
+    return "+".join(str(c) for c in counts)
 
 
 def summarize(parts: list[dict]) -> dict:
@@ -149,9 +196,15 @@ def summarize(parts: list[dict]) -> dict:
         starts.extend(s + offset for s in part["starts"])
         offset += part["elapsed"]
     arr = np.array(lat)
+    server_cpu = sum(p.get("server_cpu_s", 0.0) for p in parts)
+    client_cpu = sum(p.get("client_cpu_s", 0.0) for p in parts)
     return {
         "n": int(len(arr)),
         "errors": int(sum(p["errors"] for p in parts)),
+        "server_cpu_ms_per_request": server_cpu / len(arr) * 1e3,
+        "client_cpu_ms_per_request": client_cpu / len(arr) * 1e3,
+        "cores_busy": (server_cpu + client_cpu) / offset,
+        "splits": [p.get("split", "") for p in parts],
         "p50_ms": float(np.percentile(arr, 50) * 1e3),
         "p95_ms": float(np.percentile(arr, 95) * 1e3),
         "p99_ms": float(np.percentile(arr, 99) * 1e3),
@@ -437,6 +490,15 @@ def print_table(cells: list[dict]) -> None:
         print(line)
 
 
+def print_cpu(cells: list[dict]) -> None:
+    print("\nCPU time per request (ms) in the measured part of each cell, and the cores it kept busy:")
+    print(f"{'server':>14} {'cands':>5} {'clients':>7} | {'server':>7} {'load gen':>8} | {'cores busy':>10} | "
+          "connections per worker, each round")  # fmt: skip
+    for c in sorted(cells, key=lambda c: (c["candidates"], c["clients"])):
+        print(f"{series(c):>14} {c['candidates']:5d} {c['clients']:7d} | {c['server_cpu_ms_per_request']:7.3f} "
+              f"{c['client_cpu_ms_per_request']:8.3f} | {c['cores_busy']:10.2f} | {' '.join(c['splits'])}")  # fmt: skip
+
+
 def print_memory(rows: list[dict]) -> None:
     print("\nresident memory (MiB) of llm4msr servers with amazon-arts-office-sized snapshot knowledge:")
     print(f"{'workers':>7} | {'RSS all':>8} {'PSS all':>8} | {'parent PSS':>10} | {'worker RSS':>10} {'PSS':>6} "
@@ -556,7 +618,8 @@ def measure_cells(servers: dict, bodies: dict, cells: list[tuple[int, int]], arg
         for r in range(args.rounds):
             for key in names[r % len(names) :] + names[: r % len(names)]:
                 requests, duration = max(1, args.requests // args.rounds), args.duration / args.rounds
-                parts[key].append(run_cell(servers[key][1], bodies[n], c, requests, args.warmup, duration))
+                proc, port = servers[key]
+                parts[key].append(run_cell(port, bodies[n], c, requests, args.warmup, duration, proc.pid))
         for variant, workers in names:
             cell = summarize(parts[(variant, workers)])
             cell.update(variant=variant, workers=workers, candidates=n, clients=c)
@@ -616,7 +679,19 @@ def summary_of(cells: list[dict]) -> dict:
         one = ref.get((variant, 1, n, c))
         if workers > 1 and one is not None:
             out[f"rps_ratio_llm4msr_w{workers}_over_w1_{n}x{c}"] = cell["rps"] / one["rps"]
+            out[f"rps_ceiling_llm4msr_w{workers}_over_w1_{n}x{c}"] = scaling_ceiling(cell, workers) / one["rps"]
     return out
+
+
+def scaling_ceiling(cell: dict, workers: int) -> float:
+    """The most requests/s `workers` servers can answer on this machine at the cell's measured CPU cost per
+    request, when the load generator runs on the same cores: all usable cores busy with the server's and the
+    generator's work, and no worker using more than one core (one torch thread)."""
+    server, client = cell["server_cpu_ms_per_request"], cell["client_cpu_ms_per_request"]
+    cores = len(os.sched_getaffinity(0))
+    if server <= 0:
+        return float("nan")
+    return 1e3 * min(cores / (server + client), min(workers, cores) / server)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -751,6 +826,7 @@ def report(args, cells: list[dict], stages: dict, memory: list[dict], llm: dict 
         f"1-min load average {load_before:.1f} before the run)"
     )
     print_table(cells)
+    print_cpu(cells)
     for name, st in stages.items():
         print(f"{name} mean stage times (ms, all cells): " + ", ".join(f"{k} {x:.3f}" for k, x in st.items()))
     if memory:
