@@ -238,14 +238,15 @@ def test_truncation_is_counted_warned_once_and_max_length_defines_the_space(
     assert on_disk["truncated"] == want and on_disk["space"]["max_length"] == limit
 
     # The default max_length cuts nothing, warns nothing, and is another knowledge space: the cut build's vectors
-    # are not reused.
+    # are not reused. It runs in the dtype auto chose above (bfloat16 on a CPU with native bf16, else float32), set
+    # explicitly, so that the vectors of the texts neither build cuts are computed alike.
     caplog.clear()
     with caplog.at_level("WARNING", logger="offline.knowledge.build"):
-        full = run_build(replace(cfg, out=str(tmp_path / "kn")))
+        full = run_build(replace(cfg, out=str(tmp_path / "kn"), backend=replace(cfg.backend, dtype=m.dtype)))
     assert not [r for r in caplog.records if "cut to it" in r.getMessage()]
     assert sum(full.manifest.truncated.values()) == 0 and full.manifest.parent_version is None
     assert full.manifest.space.id != m.space.id and full.manifest.computed["user"] == len(snap.users().ids)
-    assert full.manifest.dtype == "float32" and full.manifest.hardware["reason"] == "set explicitly (--dtype)"
+    assert full.manifest.dtype == m.dtype and full.manifest.hardware["reason"] == "set explicitly (--dtype)"
     # Cut texts really got other vectors; uncut ones (items) did not.
     fsnap = KnowledgeSnapshot(full.path)
     assert np.allclose(fsnap.items().embeddings, snap.items().embeddings, atol=1e-5)

