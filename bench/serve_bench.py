@@ -107,6 +107,14 @@ def own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live children of a process (none once it has ended)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and its live descendants (a server: the parent and its workers)."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -115,10 +123,10 @@ def tree_cpu_seconds(pid: int) -> float:
         p = todo.pop()
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of stat)
-            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
         except (FileNotFoundError, ProcessLookupError):  # a process that ended meanwhile
             continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of stat)
+        todo += child_pids(p)
     return total
 
 
@@ -300,8 +308,7 @@ def process_tree_memory(pid: int) -> dict:
         private = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
         return {"pid": p, "rss_mb": fields["Rss"], "pss_mb": fields["Pss"], "private_mb": private}
 
-    children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    workers = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    workers = [c for c in child_pids(pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
     procs = [one(pid)] + [one(c) for c in workers]
     return {
         "processes": procs,
@@ -687,8 +694,10 @@ def scaling_ceiling(cell: dict, workers: int) -> float:
     """The most requests/s `workers` servers can answer on this machine at the cell's measured CPU cost per
     request, when the load generator runs on the same cores: all usable cores busy with the server's and the
     generator's work, and no worker using more than one core (one torch thread)."""
+    from online.settings import usable_cores
+
     server, client = cell["server_cpu_ms_per_request"], cell["client_cpu_ms_per_request"]
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     if server <= 0:
         return float("nan")
     return 1e3 * min(cores / (server + client), min(workers, cores) / server)

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from bench.serve_bench import connection_split, own_cpu_seconds, scaling_ceiling, tree_cpu_seconds
+from bench.serve_bench import child_pids, connection_split, own_cpu_seconds, scaling_ceiling, tree_cpu_seconds
+from online.settings import usable_cores
 
 # A parent that starts a child, both spinning for about `seconds` of CPU before they sleep (so both are alive when
 # the tree is read).
@@ -62,7 +63,7 @@ def test_connection_split_names_the_busiest_worker_first():
 
 
 def test_scaling_ceiling_takes_the_tighter_of_the_cores_and_the_workers():
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     cell = {"server_cpu_ms_per_request": 1.0, "client_cpu_ms_per_request": 0.25}
     # All cores shared by server and load generator: cores / 1.25 ms; one worker: at most one core's 1000/s.
     assert scaling_ceiling(cell, 1) == pytest.approx(min(cores / 1.25e-3, 1000.0))
@@ -72,10 +73,7 @@ def test_scaling_ceiling_takes_the_tighter_of_the_cores_and_the_workers():
 
 
 def _descendants(pid: int) -> list[int]:
-    try:
-        children = [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
-    except FileNotFoundError:
-        return []
+    children = child_pids(pid)
     return children + [d for c in children for d in _descendants(c)]
 
 
