@@ -194,3 +194,31 @@ def test_a_setting_only_auto_reads_leaves_the_other_runs_reusable(synth_dir, syn
     assert "recompute star__auto__s0.json: settings changed: auto_item_init_std 0.0 -> 0.05" in caplog.text
     record = json.loads((out / "runs" / "star__auto__s0.json").read_text())
     assert [c["levels"] for c in record["level_selection"]["candidates"]][-1] == "scenario,user,item@init=0.05"
+
+
+def test_the_knowledge_learning_rate_recomputes_only_the_runs_with_knowledge(synth_dir, synth, tmp_path, caplog):
+    """--knowledge-lr-scale scales the wrapper's learning rate: a plain run has no wrapper and is reused under another
+    scale, an LLM4MSR run is recomputed, saying why; a record from before the field reads as scale 1. The report's
+    settings line names the scale the knowledge runs used, not the reused plain run's."""
+    _, _, kn, _ = synth
+    out = tmp_path / "runs"
+    variants = ("--variants", "plain,auto", "--epochs", "1")
+    assert _compare(synth_dir, kn, out, *variants, "--knowledge-lr-scale", "1") == 0
+    for name in ("star__plain__s0.json", "star__auto__s0.json"):
+        file = out / "runs" / name
+        record = json.loads(file.read_text())
+        record["config"].pop("knowledge_lr_scale")
+        file.write_text(json.dumps(record))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="offline.training.compare"):
+        assert _compare(synth_dir, kn, out, *variants, "--knowledge-lr-scale", "1") == 0
+    assert "reuse star__plain__s0.json (same settings)" in caplog.text
+    assert "reuse star__auto__s0.json (same settings)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="offline.training.compare"):
+        assert _compare(synth_dir, kn, out, *variants, "--knowledge-lr-scale", "2") == 0
+    assert "reuse star__plain__s0.json (same settings)" in caplog.text
+    assert "recompute star__auto__s0.json: settings changed: knowledge_lr_scale 1.0 -> 2.0" in caplog.text
+    record = json.loads((out / "runs" / "star__auto__s0.json").read_text())
+    assert record["config"]["knowledge_lr_scale"] == 2.0
+    assert "knowledge_lr_scale 2.0." in (out / "report.md").read_text()

@@ -25,13 +25,14 @@ from shared.models.backbones import backbone_names, build_backbone, register_bac
 # The flat training config written into artifacts and compare records: the keys every earlier version wrote (kept, so
 # old artifacts stay retrainable by refresh and old compare runs reusable) plus those added since, which older
 # records lack and which then read as the old behaviour (gate none, full-history user knowledge, fixed levels, raw
-# uncalibrated scores, the earlier embedding init, auto without its second-init item candidate).
+# uncalibrated scores, the earlier embedding init, auto without its second-init item candidate, the knowledge
+# pathway at the backbone's learning rate).
 STORED_TRAIN_KEYS = {
     "backbone", "backbone_params", "llm4msr", "knowledge_source", "levels", "placement", "embed_dim", "reduce_dim",
     "proj_dim", "meta_dim", "rank", "hyper_hidden", "lr", "weight_decay", "batch_size", "epochs", "patience", "seed",
     "threads", "eval_batch_size", "progress",
     "gate", "gate_decay", "knowledge_dropout", "user_knowledge", "early_rows", "levels_auto", "calibrate",
-    "embed_init_std", "auto_item_init_std",
+    "embed_init_std", "auto_item_init_std", "knowledge_lr_scale",
 }  # fmt: skip
 
 

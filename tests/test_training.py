@@ -220,3 +220,45 @@ def test_embedding_init_std_is_a_training_option(synth_dir, synth, tmp_path):
     assert stored["train"]["embed_init_std"] == 0.001 and stored["model"]["embed_init_std"] == 0.001
     old = {k: v for k, v in stored["train"].items() if k in TrainConfig.flat_keys() - {"embed_init_std"}}
     assert TrainConfig.from_flat(fill_absent(old)).embed_init_std == 0.05
+
+
+def test_knowledge_pathway_learns_at_its_own_rate(synth):
+    """--knowledge-lr-scale: the wrapper's parameters step at lr x scale, the embeddings and the backbone at lr (on
+    Adam's first step every parameter moves by about its group's learning rate); scale 1 and the plain backbone keep
+    one group; a stored config without the field reads as scale 1; a non-positive scale is refused by name."""
+    import torch
+
+    from offline.training.config import TrainConfig, fill_absent
+    from offline.training.trainer import build_model, make_optimizer
+    from shared.models.features import FeatureEncoder
+
+    dataset, split, _ = synth
+    encoder = FeatureEncoder.fit(dataset, split.train)
+
+    def first_step(scale: float, llm4msr: bool = True) -> tuple[int, float, float]:
+        torch.manual_seed(0)
+        cfg = tiny_train_config(llm4msr=llm4msr, lr=1e-3, knowledge_lr_scale=scale)
+        model = build_model(cfg, encoder, 16)
+        optim = make_optimizer(model, cfg)
+        wrapper = {id(p) for p in model.wrapper.parameters()} if model.wrapper is not None else set()
+        before = {id(p): p.detach().clone() for p in model.parameters()}
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        optim.step()
+        moved = {id(p): float((p.detach() - before[id(p)]).abs().max()) for p in model.parameters()}
+        inside = max((m for i, m in moved.items() if i in wrapper), default=0.0)
+        outside = max(m for i, m in moved.items() if i not in wrapper)
+        return len(optim.param_groups), inside, outside
+
+    groups, inside, outside = first_step(3.0)
+    assert groups == 2
+    assert inside == pytest.approx(3e-3, rel=1e-3) and outside == pytest.approx(1e-3, rel=1e-3)
+    groups, inside, outside = first_step(1.0)
+    assert groups == 1 and inside == pytest.approx(1e-3, rel=1e-3) and outside == pytest.approx(1e-3, rel=1e-3)
+    groups, inside, outside = first_step(3.0, llm4msr=False)
+    assert groups == 1 and inside == 0.0 and outside == pytest.approx(1e-3, rel=1e-3)
+
+    assert TrainConfig.from_flat(fill_absent({"backbone": "ple"})).knowledge_lr_scale == 1.0
+    for bad in (0.0, -2.0, float("inf")):
+        with pytest.raises(UserFacingError, match="knowledge_lr_scale must be a finite number > 0"):
+            tiny_train_config(knowledge_lr_scale=bad)

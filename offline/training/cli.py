@@ -25,6 +25,7 @@ TRAINING_FLAGS = ConfigFlags(
         "patience",
         "batch_size",
         "lr",
+        "knowledge_lr_scale",
         "weight_decay",
         "embed_dim",
         "embed_init_std",

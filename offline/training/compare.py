@@ -133,6 +133,7 @@ NEUTRAL_CONFIG_KEYS = frozenset({"progress", "threads", "eval_batch_size"})
 # computes the same whatever --levels auto would have tried).
 CONDITIONAL_CONFIG_KEYS: dict[str, Callable[[dict], bool]] = {
     "auto_item_init_std": lambda c: bool(c.get("levels_auto") and c.get("llm4msr")),
+    "knowledge_lr_scale": lambda c: bool(c.get("llm4msr")),
 }
 
 
@@ -487,8 +488,11 @@ def _knowledge_lines(snapshots: Snapshots) -> list[str]:
 
 
 def _settings_line(runs: list[dict]) -> str:
-    """The shared wrapper and protocol settings (a variant may set its own, as its name says)."""
-    config = next((r["config"] for r in runs if r["variant"] == "plain"), runs[0]["config"])
+    """The shared wrapper and protocol settings (a variant may set its own, as its name says). Read from an auto run
+    where there is one: a plain run may be reused from a compare with other wrapper settings, which it never read."""
+    config = next(
+        (r["config"] for variant in ("auto", "plain") for r in runs if r["variant"] == variant), runs[0]["config"]
+    )
     config = fill_absent(config)
     keys = (
         "gate",
@@ -500,6 +504,7 @@ def _settings_line(runs: list[dict]) -> str:
         "calibrate",
         "embed_init_std",
         "auto_item_init_std",
+        "knowledge_lr_scale",
     )
     return "Settings unless the variant says otherwise: " + ", ".join(f"{k} {config.get(k)}" for k in keys) + "."
 

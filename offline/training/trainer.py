@@ -172,8 +172,16 @@ def _reduced(tables: KnowledgeTables | None) -> bool:
 
 def make_optimizer(model: CTRModel, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam with the fused kernel: one update over all parameters instead of ~8 small ops per tensor (the wrapper
-    adds ~20 small tensors, so the per-tensor loop was a visible share of its step time on CPU)."""
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    adds ~20 small tensors, so the per-tensor loop was a visible share of its step time on CPU). The wrapper's
+    parameters form a second group when cfg.knowledge_lr_scale sets their learning rate apart."""
+    if model.wrapper is None or cfg.knowledge_lr_scale == 1.0:
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    knowledge = {id(p) for p in model.wrapper.parameters()}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) not in knowledge]},
+        {"params": list(model.wrapper.parameters()), "lr": cfg.lr * cfg.knowledge_lr_scale},
+    ]
+    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
 @contextlib.contextmanager
