@@ -31,6 +31,16 @@ def _compare(synth_dir, kn, out, *extra: str) -> int:
     return llm4msr_cli.main(args)
 
 
+def _written_before(out, runs: tuple[str, ...], *keys: str) -> None:
+    """Makes the run records as an older version wrote them: without the config fields it did not have."""
+    for name in runs:
+        file = out / "runs" / name
+        record = json.loads(file.read_text())
+        for key in keys:
+            record["config"].pop(key)
+        file.write_text(json.dumps(record))
+
+
 def _set_test_auc(file, value: float) -> None:
     record = json.loads(file.read_text())
     record["metrics"]["test"]["overall"]["auc"] = value
@@ -160,11 +170,9 @@ def test_a_run_recorded_before_the_new_settings_is_reused_for_their_old_behaviou
     out = tmp_path / "old"
     old_flags = ("--gate", "none", "--user-knowledge", "full-history")
     assert _compare(synth_dir, kn, out, "--variants", "plain", "--epochs", "1", *old_flags) == 0
-    file = out / "runs" / "star__plain__s0.json"
-    record = json.loads(file.read_text())
-    for key in ("gate", "knowledge_dropout", "user_knowledge", "early_rows", "levels_auto"):
-        record["config"].pop(key)
-    file.write_text(json.dumps(record))
+    _written_before(
+        out, ("star__plain__s0.json",), "gate", "knowledge_dropout", "user_knowledge", "early_rows", "levels_auto"
+    )
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="offline.training.compare"):
         assert _compare(synth_dir, kn, out, "--variants", "plain", "--epochs", "1", *old_flags) == 0
@@ -182,11 +190,7 @@ def test_a_setting_only_auto_reads_leaves_the_other_runs_reusable(synth_dir, syn
     _, _, kn, _ = synth
     out = tmp_path / "runs"
     assert _compare(synth_dir, kn, out, "--variants", "plain,auto", "--epochs", "1") == 0
-    for name in ("star__plain__s0.json", "star__auto__s0.json"):
-        file = out / "runs" / name
-        record = json.loads(file.read_text())
-        record["config"].pop("auto_item_init_std")
-        file.write_text(json.dumps(record))
+    _written_before(out, ("star__plain__s0.json", "star__auto__s0.json"), "auto_item_init_std")
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="offline.training.compare"):
         assert _compare(synth_dir, kn, out, "--variants", "plain,auto", "--epochs", "1") == 0
@@ -204,11 +208,7 @@ def test_the_knowledge_learning_rate_recomputes_only_the_runs_with_knowledge(syn
     out = tmp_path / "runs"
     variants = ("--variants", "plain,auto", "--epochs", "1")
     assert _compare(synth_dir, kn, out, *variants, "--knowledge-lr-scale", "1") == 0
-    for name in ("star__plain__s0.json", "star__auto__s0.json"):
-        file = out / "runs" / name
-        record = json.loads(file.read_text())
-        record["config"].pop("knowledge_lr_scale")
-        file.write_text(json.dumps(record))
+    _written_before(out, ("star__plain__s0.json", "star__auto__s0.json"), "knowledge_lr_scale")
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="offline.training.compare"):
         assert _compare(synth_dir, kn, out, *variants, "--knowledge-lr-scale", "1") == 0
