@@ -222,3 +222,22 @@ def test_the_knowledge_learning_rate_recomputes_only_the_runs_with_knowledge(syn
     record = json.loads((out / "runs" / "star__auto__s0.json").read_text())
     assert record["config"]["knowledge_lr_scale"] == 2.0
     assert "knowledge_lr_scale 2.0." in (out / "report.md").read_text()
+
+
+def test_the_norm_statistics_setting_recomputes_only_the_backbones_that_have_them(synth_dir, synth, tmp_path, caplog):
+    """--norm-stats-batches recounts STAR's normalization statistics; PLE has none, so its runs are reused under
+    another value. A STAR record from before the field reads as 0 (the running averages)."""
+    _, _, kn, _ = synth
+    out = tmp_path / "runs"
+    args = ("--variants", "plain", "--epochs", "1", "--backbones", "star,ple")
+    assert _compare(synth_dir, kn, out, *args, "--norm-stats-batches", "0") == 0
+    _written_before(out, ("star__plain__s0.json", "ple__plain__s0.json"), "norm_stats_batches")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="offline.training.compare"):
+        assert _compare(synth_dir, kn, out, *args, "--norm-stats-batches", "0") == 0
+    assert "reuse star__plain__s0.json (same settings)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="offline.training.compare"):
+        assert _compare(synth_dir, kn, out, *args, "--norm-stats-batches", "2") == 0
+    assert "reuse ple__plain__s0.json (same settings)" in caplog.text
+    assert "recompute star__plain__s0.json: settings changed: norm_stats_batches 0 -> 2" in caplog.text

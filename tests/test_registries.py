@@ -26,13 +26,13 @@ from shared.models.backbones import backbone_names, build_backbone, register_bac
 # old artifacts stay retrainable by refresh and old compare runs reusable) plus those added since, which older
 # records lack and which then read as the old behaviour (gate none, full-history user knowledge, fixed levels, raw
 # uncalibrated scores, the earlier embedding init, auto without its second-init item candidate, the knowledge
-# pathway at the backbone's learning rate).
+# pathway at the backbone's learning rate, one validation check per epoch, STAR's running statistics as trained).
 STORED_TRAIN_KEYS = {
     "backbone", "backbone_params", "llm4msr", "knowledge_source", "levels", "placement", "embed_dim", "reduce_dim",
     "proj_dim", "meta_dim", "rank", "hyper_hidden", "lr", "weight_decay", "batch_size", "epochs", "patience", "seed",
     "threads", "eval_batch_size", "progress",
     "gate", "gate_decay", "knowledge_dropout", "user_knowledge", "early_rows", "levels_auto", "calibrate",
-    "embed_init_std", "auto_item_init_std", "knowledge_lr_scale",
+    "embed_init_std", "auto_item_init_std", "knowledge_lr_scale", "checks_per_epoch", "norm_stats_batches",
 }  # fmt: skip
 
 

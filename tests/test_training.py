@@ -9,6 +9,7 @@ import logging
 import math
 
 import pytest
+import torch
 from fixtures_models import tiny_train_config, train_tiny_artifact, write_snapshot
 
 import llm4msr_cli
@@ -55,6 +56,66 @@ def test_early_stopping_restores_the_best_epoch(synth):
     assert len(r.history) <= 6 and all(h["samples_per_s"] > 0 for h in r.history)
 
 
+def test_validation_checks_within_an_epoch_measure_without_changing_training(synth):
+    """--checks-per-epoch 3: validation after each third of an epoch (cut at batch boundaries), the best check's
+    weights kept; the model at each epoch's end is the one a single check per epoch trains."""
+    dataset, split, kn = synth
+    snap = KnowledgeSnapshot(kn)
+    once = train(dataset, split, snap, tiny_train_config(epochs=2, patience=10))
+    thrice = train(dataset, split, snap, tiny_train_config(epochs=2, patience=30, checks_per_epoch=3))
+    assert [h["epoch"] for h in once.history] == [1, 2]
+    assert [h["epoch"] for h in thrice.history] == [0.333, 0.667, 1, 1.333, 1.667, 2]
+    ends = [h for h in thrice.history if isinstance(h["epoch"], int)]
+    assert [h["valid_auc"] for h in ends] == [h["valid_auc"] for h in once.history]
+    aucs = [h["valid_auc"] for h in thrice.history]
+    assert thrice.best_epoch == thrice.history[aucs.index(max(aucs))]["epoch"]
+    assert thrice.metrics["valid"]["overall"]["auc"] == pytest.approx(max(aucs), rel=1e-5)
+    # patience counts epochs: with patience 0 and three checks, training stops after three checks without a gain
+    stopped = train(dataset, split, snap, tiny_train_config(epochs=10, patience=0, lr=0.05, checks_per_epoch=3))
+    best_at = [h["epoch"] for h in stopped.history].index(stopped.best_epoch)
+    assert len(stopped.history) - 1 - best_at <= 3
+    with pytest.raises(UserFacingError, match="checks_per_epoch must be an integer >= 1, got 0"):
+        tiny_train_config(checks_per_epoch=0)
+
+
+def test_norm_statistics_are_recounted_without_changing_training(synth):
+    """--norm-stats-batches N: before each validation check STAR's eval statistics are recounted over N sampled
+    train batches. The learned weights are those of training without it (the recount neither steps the optimizer
+    nor shifts the random streams); only the statistics differ, and they are what a recount of the final weights
+    gives. A backbone without such statistics trains byte-identically either way."""
+    from offline.training import trainer as trainer_module
+
+    dataset, split, kn = synth
+    snap = KnowledgeSnapshot(kn)
+    fixed = dict(epochs=3, patience=10, knowledge_dropout=0.2)
+    kept = train(dataset, split, snap, tiny_train_config(norm_stats_batches=0, **fixed))
+    recounted = train(dataset, split, snap, tiny_train_config(norm_stats_batches=3, **fixed))
+    # every training loss bit-equal: the same batches, dropout masks and optimizer steps; what validation measured
+    # differs (and so may the best epoch)
+    assert [h["train_loss"] for h in kept.history] == [h["train_loss"] for h in recounted.history]
+    assert [h["valid_auc"] for h in kept.history] != [h["valid_auc"] for h in recounted.history]
+    stats = {"backbone.pn.running_mean", "backbone.pn.running_var"}
+    # the stored statistics are a recount of the kept weights over the same sampled rows (without dropout, whose
+    # masks would differ from those of the recount in training)
+    config = tiny_train_config(norm_stats_batches=3, epochs=2, patience=10)
+    b = train(dataset, split, snap, config).model.state_dict()
+    prepared = trainer_module.prepare(dataset, split, snap, config)
+    prepared.model.load_state_dict(b)
+    n = len(prepared.data["train"])
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))[: 3 * config.batch_size]
+    trainer_module.recount_statistics(prepared, rows, config.batch_size)
+    again = prepared.model.state_dict()
+    assert all(torch.allclose(again[k], b[k], atol=1e-6) for k in stats)
+    plain = [
+        train(dataset, split, snap, tiny_train_config(backbone="ple", norm_stats_batches=nsb, epochs=1))
+        for nsb in (0, 3)
+    ]
+    first, second = (r.model.state_dict() for r in plain)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    with pytest.raises(UserFacingError, match="norm_stats_batches must be an integer >= 0, got -1"):
+        tiny_train_config(norm_stats_batches=-1)
+
+
 def test_one_class_validation_stops_on_logloss(synth, caplog):
     """Validation AUC is NaN in every epoch when the validation rows have one class: early stopping falls back to
     validation logloss (and says so) instead of crashing on load_state_dict(None)."""
@@ -73,7 +134,7 @@ def test_one_class_validation_stops_on_logloss(synth, caplog):
 def test_diverged_training_is_a_clear_error(synth):
     """Non-finite scores in every epoch: a one-line UserFacingError, not a traceback."""
     dataset, split, _ = synth
-    with pytest.raises(UserFacingError, match=r"validation AUC was NaN in all 2 epoch\(s\).*lower --lr"):
+    with pytest.raises(UserFacingError, match=r"validation AUC was NaN at all 2 validation check\(s\).*lower --lr"):
         train(dataset, split, None, tiny_train_config(llm4msr=False, epochs=2, lr=1e20))
 
 

@@ -59,7 +59,7 @@ class LevelCandidate:
     levels: str  # the candidate's name: its levels, with "@init=<std>" for the second-init item candidate
     valid_auc: float
     valid_logloss: float
-    best_epoch: int
+    best_epoch: float  # fractional when validation runs more than once per epoch
     seconds: float
 
 

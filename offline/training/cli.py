@@ -23,6 +23,8 @@ TRAINING_FLAGS = ConfigFlags(
     fields=(
         "epochs",
         "patience",
+        "checks_per_epoch",
+        "norm_stats_batches",
         "batch_size",
         "lr",
         "knowledge_lr_scale",

@@ -35,7 +35,7 @@ from offline.training.compare_plots import PlotLayout, plot_metric, plot_reliabi
 from offline.training.config import TrainConfig, fill_absent
 from offline.training.metrics import CALIBRATION_BINS, DEFAULT_TOP_K
 from shared.errors import UserFacingError, unknown_name
-from shared.models.backbones import backbone_names
+from shared.models.backbones import backbone_names, backbone_spec
 
 if TYPE_CHECKING:
     from offline.data.split import Split
@@ -134,6 +134,7 @@ NEUTRAL_CONFIG_KEYS = frozenset({"progress", "threads", "eval_batch_size"})
 CONDITIONAL_CONFIG_KEYS: dict[str, Callable[[dict], bool]] = {
     "auto_item_init_std": lambda c: bool(c.get("levels_auto") and c.get("llm4msr")),
     "knowledge_lr_scale": lambda c: bool(c.get("llm4msr")),
+    "norm_stats_batches": lambda c: backbone_spec(str(c.get("backbone"))).model_class.recountable_statistics,
 }
 
 

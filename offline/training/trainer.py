@@ -42,6 +42,7 @@ from offline.training.metrics import summarize
 from shared.dataset.folder import Dataset
 from shared.errors import UserFacingError
 from shared.knowledge.snapshot import KnowledgeSnapshot
+from shared.models.backbones.base import RecountableStatistics
 from shared.models.ctr import CTRModel, ModelConfig
 from shared.models.features import FeatureEncoder
 
@@ -263,7 +264,7 @@ class TrainResult:
     config: TrainConfig
     knowledge: KnowledgeSnapshot | None
     seconds: float
-    best_epoch: int
+    best_epoch: float  # fractional when validation runs more than once per epoch
     early_stopping: str = "auc"  # the validation metric early stopping followed
     runtime: dict = field(default_factory=dict)  # runtime_info() at training time
     user_protocol: UserProtocol | None = None  # how the user level met the train rows
@@ -394,21 +395,21 @@ class EarlyStopping:
     """Follows one validation metric (higher AUC, or lower logloss) and keeps the best epoch's weights."""
 
     metric: str
-    patience: int
+    patience: int  # in validation checks
     best_score: float = -math.inf  # the metric with its sign: higher is better
-    best_epoch: int = 0
+    best_epoch: float = 0
     best_state: dict | None = None
-    bad_epochs: int = 0
+    bad_checks: int = 0
 
-    def update(self, epoch: int, valid: dict, model: CTRModel) -> bool:
-        """Records an epoch's validation metrics; True when training should stop. A NaN is never the best."""
+    def update(self, epoch: float, valid: dict, model: CTRModel) -> bool:
+        """Records a validation check's metrics; True when training should stop. A NaN is never the best."""
         score = valid[self.metric] if self.metric == "auc" else -valid[self.metric]
         if not math.isnan(score) and score > self.best_score + 1e-5:
-            self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+            self.best_score, self.best_epoch, self.bad_checks = score, epoch, 0
             self.best_state = copy.deepcopy(model.state_dict())
             return False
-        self.bad_epochs += 1
-        return self.bad_epochs > self.patience
+        self.bad_checks += 1
+        return self.bad_checks > self.patience
 
     @property
     def best_value(self) -> float:
@@ -416,67 +417,111 @@ class EarlyStopping:
         return self.best_score if self.metric == "auc" else -self.best_score
 
 
-def run_epoch(
-    prepared: Prepared, optim: torch.optim.Optimizer, perm: torch.Tensor, cfg: TrainConfig, epoch: int
+def train_rows(
+    prepared: Prepared, optim: torch.optim.Optimizer, rows: torch.Tensor, cfg: TrainConfig, desc: str
 ) -> float:
-    """One pass over the train rows in the order perm; returns the mean training loss."""
+    """One pass over the train rows in the order rows; returns the mean training loss."""
     model, train_data = prepared.model, prepared.data["train"]
     model.train()
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    n, total = len(train_data), 0.0
-    bar = tqdm(
-        total=n,
-        desc=f"{cfg.backbone} epoch {epoch}",
-        unit="row",
-        unit_scale=True,
-        disable=not cfg.progress,
-        mininterval=1.0,
-        leave=False,
-    )
+    n, total = len(rows), 0.0
+    bar = tqdm(total=n, desc=desc, unit="row", unit_scale=True, disable=not cfg.progress, mininterval=1.0, leave=False)
     for start in range(0, n, cfg.batch_size):
-        idx = perm[start : start + cfg.batch_size]
+        idx = rows[start : start + cfg.batch_size]
         total += float(train_step(model, optim, loss_fn, prepared.tables, train_data, idx)) * len(idx)
         bar.update(len(idx))
     bar.close()
     return total / n
 
 
+def check_points(epoch: int, perm: torch.Tensor, checks: int, batch_size: int) -> list[tuple[float, torch.Tensor]]:
+    """An epoch's row order cut into `checks` parts at batch boundaries, each with the (fractional) epoch at its
+    end: validation runs after each. The batches are those of one check per epoch, so checking more often changes
+    what is measured, not what is trained; whole epochs stay ints, so one check records what it always did."""
+    batches = -(-len(perm) // batch_size)
+    cuts = [min(len(perm), round(batches * j / checks) * batch_size) for j in range(checks + 1)]
+    return [
+        (epoch if j == checks else round(epoch - 1 + j / checks, 3), perm[cuts[j - 1] : cuts[j]])
+        for j in range(1, checks + 1)
+        if cuts[j] > cuts[j - 1]
+    ]
+
+
+@torch.no_grad()
+def recount_statistics(prepared: Prepared, rows: torch.Tensor, batch_size: int) -> None:
+    """Sets the eval-mode statistics of the model's RecountableStatistics layers (STAR's partitioned norm) to the
+    average over train-mode forwards of `rows` in training-sized batches, the weights held. No-op without such
+    layers; the optimizer never sees these forwards."""
+    model, train_data = prepared.model, prepared.data["train"]
+    layers = [m for m in model.modules() if isinstance(m, RecountableStatistics)]
+    if not layers or not len(rows):
+        return
+    model.train()
+    for layer in layers:
+        layer.recount_start()
+    try:
+        with torch.random.fork_rng(devices=[]):  # train-mode dropout must not shift the training's random stream
+            for start in range(0, len(rows), batch_size):
+                idx = rows[start : start + batch_size]
+                model(
+                    train_data.rows("fields", idx),
+                    train_data.rows("scenario", idx),
+                    batch_knowledge(prepared.tables, train_data, idx),
+                    _reduced(prepared.tables),
+                )
+    finally:
+        for layer in layers:
+            layer.recount_stop()
+
+
 def fit(prepared: Prepared, cfg: TrainConfig, stopping: EarlyStopping) -> list[dict]:
-    """The epochs, until early stopping; leaves the best epoch's weights in the model. Returns the history."""
+    """The epochs, until early stopping; leaves the best check's weights in the model. Returns the history."""
     model, valid_data = prepared.model, prepared.data["valid"]
     optim = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(prepared.data["train"])
     history: list[dict] = []
+    stop = False
+    # the same sampled rows at every check, from a generator of their own: the training order is not touched
+    recount = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[
+        : cfg.norm_stats_batches * cfg.batch_size
+    ]
     for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        train_loss = run_epoch(prepared, optim, torch.randperm(n, generator=gen), cfg, epoch)
-        train_seconds = time.perf_counter() - t0
-        # early stopping needs AUC/logloss only
-        valid = summarize(valid_data.frame, predict(model, prepared.tables, valid_data, cfg.eval_batch_size), top_k=())
-        row = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "valid_auc": valid["overall"]["auc"],
-            "valid_logloss": valid["overall"]["logloss"],
-            "train_seconds": round(train_seconds, 2),
-            "samples_per_s": round(n / train_seconds, 1),
-        }
-        history.append(row)
-        log.info(
-            "epoch %d: loss %.4f valid AUC %.4f logloss %.4f (%.1fs, %.0f samples/s)",
-            epoch,
-            train_loss,
-            row["valid_auc"],
-            row["valid_logloss"],
-            train_seconds,
-            row["samples_per_s"],
-        )
-        if stopping.update(epoch, valid["overall"], model):
+        for at, rows in check_points(epoch, torch.randperm(n, generator=gen), cfg.checks_per_epoch, cfg.batch_size):
+            t0 = time.perf_counter()
+            train_loss = train_rows(prepared, optim, rows, cfg, f"{cfg.backbone} epoch {at}")
+            train_seconds = time.perf_counter() - t0
+            recount_statistics(prepared, recount, cfg.batch_size)
+            # early stopping needs AUC/logloss only
+            valid = summarize(
+                valid_data.frame, predict(model, prepared.tables, valid_data, cfg.eval_batch_size), top_k=()
+            )
+            row = {
+                "epoch": at,
+                "train_loss": train_loss,
+                "valid_auc": valid["overall"]["auc"],
+                "valid_logloss": valid["overall"]["logloss"],
+                "train_seconds": round(train_seconds, 2),
+                "samples_per_s": round(len(rows) / train_seconds, 1),
+            }
+            history.append(row)
+            log.info(
+                "epoch %s: loss %.4f valid AUC %.4f logloss %.4f (%.1fs, %.0f samples/s)",
+                at,
+                train_loss,
+                row["valid_auc"],
+                row["valid_logloss"],
+                train_seconds,
+                row["samples_per_s"],
+            )
+            stop = stopping.update(at, valid["overall"], model)
+            if stop:
+                break
+        if stop:
             if stopping.best_state is not None:
                 log.info(
-                    "early stopping after epoch %d (best epoch %d, valid %s %.4f)",
-                    epoch,
+                    "early stopping after epoch %s (best epoch %s, valid %s %.4f)",
+                    at,
                     stopping.best_epoch,
                     METRIC_NAMES[stopping.metric],
                     stopping.best_value,
@@ -484,7 +529,7 @@ def fit(prepared: Prepared, cfg: TrainConfig, stopping: EarlyStopping) -> list[d
             break
     if stopping.best_state is None:
         raise UserFacingError(
-            f"validation {METRIC_NAMES[stopping.metric]} was NaN in all {len(history)} epoch(s) trained: the model's "
+            f"validation {METRIC_NAMES[stopping.metric]} was NaN at all {len(history)} validation check(s): the model's "
             "scores are not finite (training diverged); try a lower --lr"
         )
     model.load_state_dict(stopping.best_state)
@@ -495,7 +540,7 @@ def fit(prepared: Prepared, cfg: TrainConfig, stopping: EarlyStopping) -> list[d
 def _train(dataset: Dataset, split: Split, snapshot: KnowledgeSnapshot | None, cfg: TrainConfig) -> TrainResult:
     started = time.perf_counter()
     prepared = prepare(dataset, split, snapshot, cfg)
-    stopping = EarlyStopping(early_stopping_metric(prepared.data["valid"]), cfg.patience)
+    stopping = EarlyStopping(early_stopping_metric(prepared.data["valid"]), cfg.patience * cfg.checks_per_epoch)
     history = fit(prepared, cfg, stopping)
     data = prepared.data
     calibration = calibrate(prepared, cfg) if cfg.calibrate else None

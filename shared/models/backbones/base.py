@@ -32,6 +32,9 @@ class Backbone(nn.Module):
     """Subclasses set `config_class` and implement forward(x, scenario) -> logits [B]."""
 
     config_class: ClassVar[type[BackboneConfig]] = BackboneConfig
+    # True when the architecture has RecountableStatistics layers: training settings about them (the trainer's
+    # norm_stats_batches) matter for it only.
+    recountable_statistics: ClassVar[bool] = False
 
     def __init__(self, config: BackboneConfig, input_dim: int, n_scenarios: int):
         super().__init__()
@@ -40,6 +43,23 @@ class Backbone(nn.Module):
         self.n_scenarios = n_scenarios
 
     def forward(self, x: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class RecountableStatistics(nn.Module):
+    """A normalization that keeps running statistics for eval mode and can recount them exactly.
+
+    In training the running statistics are an exponential average over the last ~1/momentum batches, taken while
+    the layers below them still move; when those layers learn fast (LLM4MSR's knowledge pathway), eval mode
+    normalizes with statistics of a network that no longer exists. Between recount_start and recount_stop, every
+    train-mode forward adds its batch to a plain average instead, so that a pass over sampled train rows with the
+    weights held (offline/training/trainer.py) sets statistics that match them.
+    """
+
+    def recount_start(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def recount_stop(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
 

@@ -3,7 +3,9 @@
 Partitioned normalization keeps running mean/variance per scenario. In training each scenario's rows are
 normalized with their own batch statistics (as in the paper) and the running buffers are updated; in eval mode the
 running buffers are used, so scores never depend on the batch (unlike a public implementation that keeps batch
-statistics at test time).
+statistics at test time). The trainer recounts the buffers over sampled train batches before each validation
+check (RecountableStatistics, --norm-stats-batches), so eval mode normalizes with the statistics of the weights it
+evaluates.
 """
 
 from __future__ import annotations
@@ -13,7 +15,14 @@ import math
 import torch
 from torch import nn
 
-from shared.models.backbones.base import Backbone, BackboneConfig, FusedPerScenario, mlp, single_scenario
+from shared.models.backbones.base import (
+    Backbone,
+    BackboneConfig,
+    FusedPerScenario,
+    RecountableStatistics,
+    mlp,
+    single_scenario,
+)
 
 
 class STARConfig(BackboneConfig):
@@ -24,7 +33,7 @@ class STARConfig(BackboneConfig):
     eps: float = 1e-5
 
 
-class PartitionedNorm(nn.Module):
+class PartitionedNorm(RecountableStatistics):
     """gamma * gamma_s * (x - mu_s) / sigma_s + beta + beta_s."""
 
     def __init__(self, dim: int, n_scenarios: int, momentum: float, eps: float):
@@ -37,6 +46,21 @@ class PartitionedNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(n_scenarios, dim))
         self.register_buffer("running_var", torch.ones(n_scenarios, dim))
         self._fused = FusedPerScenario()
+        self._recount: list[int] | None = None  # batches counted per scenario while recounting
+
+    def recount_start(self) -> None:
+        self._recount = [0] * self.running_mean.shape[0]
+
+    def recount_stop(self) -> None:
+        self._recount = None
+
+    def _update_rate(self, s: int) -> float:
+        """The running statistics' step towards a batch: momentum, or 1/k for the k-th batch while recounting
+        (the plain average of the batches counted)."""
+        if self._recount is None:
+            return self.momentum
+        self._recount[s] += 1
+        return 1.0 / self._recount[s]
 
     def _fuse(self, one: int) -> tuple[torch.Tensor, torch.Tensor]:
         scale = torch.rsqrt(self.running_var[one] + self.eps) * (self.gamma * self.gamma_s[one])
@@ -57,8 +81,9 @@ class PartitionedNorm(nn.Module):
                 m, v = xs.mean(0), xs.var(0, unbiased=False)
                 mean[rows], var[rows] = m, v
                 with torch.no_grad():
-                    self.running_mean[s].lerp_(m.detach(), self.momentum)
-                    self.running_var[s].lerp_(xs.detach().var(0, unbiased=True), self.momentum)
+                    rate = self._update_rate(s)
+                    self.running_mean[s].lerp_(m.detach(), rate)
+                    self.running_var[s].lerp_(xs.detach().var(0, unbiased=True), rate)
         else:
             if one is not None:  # a ranking request (one scenario for all rows): one fused affine map
                 shift, scale = self._fused.get(self, one, self._fuse)
@@ -98,6 +123,7 @@ class StarLinear(nn.Module):
 
 class STAR(Backbone):
     config_class = STARConfig
+    recountable_statistics = True
 
     def __init__(self, config: STARConfig, input_dim: int, n_scenarios: int):
         super().__init__(config, input_dim, n_scenarios)
