@@ -31,6 +31,14 @@ def _compare(synth_dir, kn, out, *extra: str) -> int:
     return llm4msr_cli.main(args)
 
 
+def _compare_log(caplog, synth_dir, kn, out, *extra: str) -> str:
+    """Runs compare (which must succeed) and returns what it logged."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="offline.training.compare"):
+        assert _compare(synth_dir, kn, out, *extra) == 0
+    return caplog.text
+
+
 def _written_before(out, runs: tuple[str, ...], *keys: str) -> None:
     """Makes the run records as an older version wrote them: without the config fields it did not have."""
     for name in runs:
@@ -62,18 +70,14 @@ def test_compare_reuses_only_runs_made_with_the_same_settings(synth_dir, synth, 
     # Same settings: reused, not retrained. A marker in the stored numbers proves the report reads the old run.
     _set_test_auc(plain, 0.4321)
     mtime = plain.stat().st_mtime_ns
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="offline.training.compare"):
-        assert _compare(synth_dir, kn, out, "--variants", "plain,llm_su", "--epochs", "1") == 0
-    assert "reuse star__plain__s0.json (same settings)" in caplog.text and "recompute" not in caplog.text
+    log = _compare_log(caplog, synth_dir, kn, out, "--variants", "plain,llm_su", "--epochs", "1")
+    assert "reuse star__plain__s0.json (same settings)" in log and "recompute" not in log
     assert plain.stat().st_mtime_ns == mtime
     assert "| star | plain | 1 | 0.4321 |" in (out / "report.md").read_text()
 
     # Other epochs: recomputed, said so, and the report holds the new numbers only.
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="offline.training.compare"):
-        assert _compare(synth_dir, kn, out, "--variants", "plain", "--epochs", "2") == 0
-    assert "recompute star__plain__s0.json: settings changed: epochs 1 -> 2" in caplog.text
+    log = _compare_log(caplog, synth_dir, kn, out, "--variants", "plain", "--epochs", "2")
+    assert "recompute star__plain__s0.json: settings changed: epochs 1 -> 2" in log
     second = json.loads(plain.read_text())
     assert second["config"]["epochs"] == 2 and len(second["history"]) == 2
     report = (out / "report.md").read_text()
@@ -82,7 +86,7 @@ def test_compare_reuses_only_runs_made_with_the_same_settings(synth_dir, synth, 
     # The llm_su run (1 epoch) was not part of this invocation: left out of the report, and listed.
     assert "+LLM4MSR (scenario,user)" not in report
     assert "- star__llm_su__s0 (epochs 1 -> 2)" in report
-    assert "report leaves out star__llm_su__s0" in caplog.text
+    assert "report leaves out star__llm_su__s0" in log
     assert json.loads(llm.read_text())["config"]["epochs"] == 1  # kept on disk, untouched
 
     # --report-only with the first settings: the llm_su run comes back, the 2-epoch plain run is left out.
@@ -173,15 +177,11 @@ def test_a_run_recorded_before_the_new_settings_is_reused_for_their_old_behaviou
     _written_before(
         out, ("star__plain__s0.json",), "gate", "knowledge_dropout", "user_knowledge", "early_rows", "levels_auto"
     )
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="offline.training.compare"):
-        assert _compare(synth_dir, kn, out, "--variants", "plain", "--epochs", "1", *old_flags) == 0
-    assert "reuse star__plain__s0.json (same settings)" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="offline.training.compare"):
-        assert _compare(synth_dir, kn, out, "--variants", "plain", "--epochs", "1") == 0
-    assert "recompute star__plain__s0.json: settings changed: gate 'none' -> 'scalar'; " in caplog.text
-    assert "user_knowledge 'full-history' -> 'leak-free'" in caplog.text
+    log = _compare_log(caplog, synth_dir, kn, out, "--variants", "plain", "--epochs", "1", *old_flags)
+    assert "reuse star__plain__s0.json (same settings)" in log
+    log = _compare_log(caplog, synth_dir, kn, out, "--variants", "plain", "--epochs", "1")
+    assert "recompute star__plain__s0.json: settings changed: gate 'none' -> 'scalar'; " in log
+    assert "user_knowledge 'full-history' -> 'leak-free'" in log
 
 
 def test_a_setting_only_auto_reads_leaves_the_other_runs_reusable(synth_dir, synth, tmp_path, caplog):
@@ -191,11 +191,9 @@ def test_a_setting_only_auto_reads_leaves_the_other_runs_reusable(synth_dir, syn
     out = tmp_path / "runs"
     assert _compare(synth_dir, kn, out, "--variants", "plain,auto", "--epochs", "1") == 0
     _written_before(out, ("star__plain__s0.json", "star__auto__s0.json"), "auto_item_init_std")
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="offline.training.compare"):
-        assert _compare(synth_dir, kn, out, "--variants", "plain,auto", "--epochs", "1") == 0
-    assert "reuse star__plain__s0.json (same settings)" in caplog.text
-    assert "recompute star__auto__s0.json: settings changed: auto_item_init_std 0.0 -> 0.05" in caplog.text
+    log = _compare_log(caplog, synth_dir, kn, out, "--variants", "plain,auto", "--epochs", "1")
+    assert "reuse star__plain__s0.json (same settings)" in log
+    assert "recompute star__auto__s0.json: settings changed: auto_item_init_std 0.0 -> 0.05" in log
     record = json.loads((out / "runs" / "star__auto__s0.json").read_text())
     assert [c["levels"] for c in record["level_selection"]["candidates"]][-1] == "scenario,user,item@init=0.05"
 
@@ -209,16 +207,12 @@ def test_the_knowledge_learning_rate_recomputes_only_the_runs_with_knowledge(syn
     variants = ("--variants", "plain,auto", "--epochs", "1")
     assert _compare(synth_dir, kn, out, *variants, "--knowledge-lr-scale", "1") == 0
     _written_before(out, ("star__plain__s0.json", "star__auto__s0.json"), "knowledge_lr_scale")
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="offline.training.compare"):
-        assert _compare(synth_dir, kn, out, *variants, "--knowledge-lr-scale", "1") == 0
-    assert "reuse star__plain__s0.json (same settings)" in caplog.text
-    assert "reuse star__auto__s0.json (same settings)" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="offline.training.compare"):
-        assert _compare(synth_dir, kn, out, *variants, "--knowledge-lr-scale", "2") == 0
-    assert "reuse star__plain__s0.json (same settings)" in caplog.text
-    assert "recompute star__auto__s0.json: settings changed: knowledge_lr_scale 1.0 -> 2.0" in caplog.text
+    log = _compare_log(caplog, synth_dir, kn, out, *variants, "--knowledge-lr-scale", "1")
+    assert "reuse star__plain__s0.json (same settings)" in log
+    assert "reuse star__auto__s0.json (same settings)" in log
+    log = _compare_log(caplog, synth_dir, kn, out, *variants, "--knowledge-lr-scale", "2")
+    assert "reuse star__plain__s0.json (same settings)" in log
+    assert "recompute star__auto__s0.json: settings changed: knowledge_lr_scale 1.0 -> 2.0" in log
     record = json.loads((out / "runs" / "star__auto__s0.json").read_text())
     assert record["config"]["knowledge_lr_scale"] == 2.0
     assert "knowledge_lr_scale 2.0." in (out / "report.md").read_text()
@@ -232,12 +226,8 @@ def test_the_norm_statistics_setting_recomputes_only_the_backbones_that_have_the
     args = ("--variants", "plain", "--epochs", "1", "--backbones", "star,ple")
     assert _compare(synth_dir, kn, out, *args, "--norm-stats-batches", "0") == 0
     _written_before(out, ("star__plain__s0.json", "ple__plain__s0.json"), "norm_stats_batches")
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="offline.training.compare"):
-        assert _compare(synth_dir, kn, out, *args, "--norm-stats-batches", "0") == 0
-    assert "reuse star__plain__s0.json (same settings)" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="offline.training.compare"):
-        assert _compare(synth_dir, kn, out, *args, "--norm-stats-batches", "2") == 0
-    assert "reuse ple__plain__s0.json (same settings)" in caplog.text
-    assert "recompute star__plain__s0.json: settings changed: norm_stats_batches 0 -> 2" in caplog.text
+    log = _compare_log(caplog, synth_dir, kn, out, *args, "--norm-stats-batches", "0")
+    assert "reuse star__plain__s0.json (same settings)" in log
+    log = _compare_log(caplog, synth_dir, kn, out, *args, "--norm-stats-batches", "2")
+    assert "reuse ple__plain__s0.json (same settings)" in log
+    assert "recompute star__plain__s0.json: settings changed: norm_stats_batches 0 -> 2" in log

@@ -204,6 +204,15 @@ def deterministic_ops(enabled: bool = True) -> Iterator[None]:
         torch.utils.deterministic.fill_uninitialized_memory = previous[2]
 
 
+def forward_rows(
+    model: CTRModel, tables: KnowledgeTables | None, data: Arrays, idx: torch.Tensor | slice
+) -> torch.Tensor:
+    """The model's logits for rows idx of data, with their knowledge."""
+    return model(
+        data.rows("fields", idx), data.rows("scenario", idx), batch_knowledge(tables, data, idx), _reduced(tables)
+    )
+
+
 def train_step(
     model: CTRModel,
     optim: torch.optim.Optimizer,
@@ -213,10 +222,7 @@ def train_step(
     idx: torch.Tensor,
 ) -> torch.Tensor:
     """One optimizer step on rows idx of data; returns the (detached) mean loss."""
-    logits = model(
-        data.rows("fields", idx), data.rows("scenario", idx), batch_knowledge(tables, data, idx), _reduced(tables)
-    )
-    loss = loss_fn(logits, data.rows("label", idx))
+    loss = loss_fn(forward_rows(model, tables, data, idx), data.rows("label", idx))
     optim.zero_grad(set_to_none=True)
     loss.backward()
     optim.step()
@@ -238,9 +244,7 @@ def predict(
     out = np.zeros(len(data), dtype=np.float32)
     for start in range(0, len(data), batch_size):
         idx = slice(start, min(start + batch_size, len(data)))
-        raw = model(
-            data.rows("fields", idx), data.rows("scenario", idx), batch_knowledge(tables, data, idx), _reduced(tables)
-        )
+        raw = forward_rows(model, tables, data, idx)
         out[idx] = (raw if logits else torch.sigmoid(raw)).numpy()
     return out
 
@@ -462,13 +466,7 @@ def recount_statistics(prepared: Prepared, rows: torch.Tensor, batch_size: int) 
     try:
         with torch.random.fork_rng(devices=[]):  # train-mode dropout must not shift the training's random stream
             for start in range(0, len(rows), batch_size):
-                idx = rows[start : start + batch_size]
-                model(
-                    train_data.rows("fields", idx),
-                    train_data.rows("scenario", idx),
-                    batch_knowledge(prepared.tables, train_data, idx),
-                    _reduced(prepared.tables),
-                )
+                forward_rows(model, prepared.tables, train_data, rows[start : start + batch_size])
     finally:
         for layer in layers:
             layer.recount_stop()
