@@ -37,10 +37,13 @@ def task(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(task):
-    """STAR + LLM4MSR with every level, saved and loaded back (ungated: after 2 epochs a gated model has barely
-    opened its user gate, and the permutation test below needs the user level to matter)."""
+    """STAR + LLM4MSR with every level and both placements (the artifact holds the bottom and the parallel
+    weights), saved and loaded back. Ungated and at both: after 2 epochs a gated model has barely opened its user
+    gate, and the parallel path alone has barely used the user level (swapping users moved scores by 5e-4), while
+    the permutation test below needs the user level to matter."""
     dataset, split, snap, root = task
-    result = train(dataset, split, snap, tiny_train_config(levels=["scenario", "user", "item"], epochs=2, gate="none"))
+    cfg = tiny_train_config(levels=["scenario", "user", "item"], epochs=2, gate="none", placement="both")
+    result = train(dataset, split, snap, cfg)
     path = save_artifact(root / "model", result.model, result.encoder, result.artifact_fields(split))
     return result, path
 
