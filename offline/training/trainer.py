@@ -479,43 +479,42 @@ def fit(prepared: Prepared, cfg: TrainConfig, stopping: EarlyStopping) -> list[d
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(prepared.data["train"])
     history: list[dict] = []
-    stop = False
     # the same sampled rows at every check, from a generator of their own: the training order is not touched
     recount = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[
         : cfg.norm_stats_batches * cfg.batch_size
     ]
-    for epoch in range(1, cfg.epochs + 1):
-        for at, rows in check_points(epoch, torch.randperm(n, generator=gen), cfg.checks_per_epoch, cfg.batch_size):
-            t0 = time.perf_counter()
-            train_loss = train_rows(prepared, optim, rows, cfg, f"{cfg.backbone} epoch {at}")
-            train_seconds = time.perf_counter() - t0
-            recount_statistics(prepared, recount, cfg.batch_size)
-            # early stopping needs AUC/logloss only
-            valid = summarize(
-                valid_data.frame, predict(model, prepared.tables, valid_data, cfg.eval_batch_size), top_k=()
-            )
-            row = {
-                "epoch": at,
-                "train_loss": train_loss,
-                "valid_auc": valid["overall"]["auc"],
-                "valid_logloss": valid["overall"]["logloss"],
-                "train_seconds": round(train_seconds, 2),
-                "samples_per_s": round(len(rows) / train_seconds, 1),
-            }
-            history.append(row)
-            log.info(
-                "epoch %s: loss %.4f valid AUC %.4f logloss %.4f (%.1fs, %.0f samples/s)",
-                at,
-                train_loss,
-                row["valid_auc"],
-                row["valid_logloss"],
-                train_seconds,
-                row["samples_per_s"],
-            )
-            stop = stopping.update(at, valid["overall"], model)
-            if stop:
-                break
-        if stop:
+    # every validation check of every epoch in order; each epoch's row order is drawn when the epoch begins
+    checks = (
+        check
+        for epoch in range(1, cfg.epochs + 1)
+        for check in check_points(epoch, torch.randperm(n, generator=gen), cfg.checks_per_epoch, cfg.batch_size)
+    )
+    for at, rows in checks:
+        t0 = time.perf_counter()
+        train_loss = train_rows(prepared, optim, rows, cfg, f"{cfg.backbone} epoch {at}")
+        train_seconds = time.perf_counter() - t0
+        recount_statistics(prepared, recount, cfg.batch_size)
+        # early stopping needs AUC/logloss only
+        valid = summarize(valid_data.frame, predict(model, prepared.tables, valid_data, cfg.eval_batch_size), top_k=())
+        row = {
+            "epoch": at,
+            "train_loss": train_loss,
+            "valid_auc": valid["overall"]["auc"],
+            "valid_logloss": valid["overall"]["logloss"],
+            "train_seconds": round(train_seconds, 2),
+            "samples_per_s": round(len(rows) / train_seconds, 1),
+        }
+        history.append(row)
+        log.info(
+            "epoch %s: loss %.4f valid AUC %.4f logloss %.4f (%.1fs, %.0f samples/s)",
+            at,
+            train_loss,
+            row["valid_auc"],
+            row["valid_logloss"],
+            train_seconds,
+            row["samples_per_s"],
+        )
+        if stopping.update(at, valid["overall"], model):
             if stopping.best_state is not None:
                 log.info(
                     "early stopping after epoch %s (best epoch %s, valid %s %.4f)",
